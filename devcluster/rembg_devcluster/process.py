@@ -1,0 +1,144 @@
+"""Child processes of the local cluster: each in its own process group, logged to a file,
+stopped by PID (SIGTERM to the group, then SIGKILL) and recorded so another process can stop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import psutil
+from pydantic import BaseModel
+
+from rembg_devcluster.errors import ComponentDiedError
+
+LOG_TAIL_LINES = 30
+
+
+class ProcessRecord(BaseModel):
+    """Identifies a started process across CLI runs (PID plus start time: PIDs recycle)."""
+
+    name: str
+    pid: int
+    create_time: float
+    log: Path
+    argv: list[str]
+
+    def alive(self) -> bool:
+        try:
+            proc = psutil.Process(self.pid)
+            return (
+                abs(proc.create_time() - self.create_time) < 1.0
+                and proc.status() != psutil.STATUS_ZOMBIE
+            )
+        except psutil.NoSuchProcess:
+            return False
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process and its children (0 once gone)."""
+        if not self.alive():
+            return 0
+        try:
+            proc = psutil.Process(self.pid)
+            procs = [proc, *proc.children(recursive=True)]
+            return sum(p.memory_info().rss for p in procs)
+        except psutil.NoSuchProcess:
+            return 0
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return "(no log written)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+    """Starts argv in a new session (its own process group), stdout+stderr appended to log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    try:
+        create_time = psutil.Process(popen.pid).create_time()
+    except psutil.NoSuchProcess:
+        create_time = 0.0
+    return popen, ProcessRecord(
+        name=name, pid=popen.pid, create_time=create_time, log=log, argv=list(argv)
+    )
+
+
+def raise_if_dead(record: ProcessRecord, popen: subprocess.Popen[bytes] | None = None) -> None:
+    """ComponentDiedError with the exit code and the tail of the log when the process is gone."""
+    if popen is not None:
+        code = popen.poll()
+        if code is None:
+            return
+    elif record.alive():
+        return
+    else:
+        code = None
+    status = f"exit code {code}" if code is not None else "it is gone"
+    raise ComponentDiedError(
+        f"{record.name} died ({status}); last lines of {record.log}:\n{log_tail(record.log)}"
+    )
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+    return members
+
+
+def stop(
+    record: ProcessRecord,
+    popen: subprocess.Popen[bytes] | None = None,
+    grace_seconds: float = 10.0,
+) -> None:
+    """SIGTERM to the process group, SIGKILL after the grace period; reaps our own children."""
+    if not record.alive():
+        if popen is not None:
+            popen.poll()
+        return
+    _signal_group(record.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while time.monotonic() < deadline:
+        if popen is not None:
+            popen.poll()
+        if not record.alive() and not _group_members(record.pid):
+            return
+        time.sleep(0.05)
+    _signal_group(record.pid, signal.SIGKILL)
+    if popen is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=5)
+    kill_deadline = time.monotonic() + 5
+    while (record.alive() or _group_members(record.pid)) and time.monotonic() < kill_deadline:
+        time.sleep(0.05)
