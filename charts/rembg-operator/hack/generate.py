@@ -1,0 +1,93 @@
+"""Writes the chart's generated files from their single sources of truth.
+
+- files/rbac/rules.yaml from operator/rembg_operator/rbac.py (the verbs the operator uses);
+- examples/argocd/argocd-cm-health.yaml from examples/argocd/health.lua.
+
+Usage: python charts/rembg-operator/hack/generate.py [--check]
+(`make chart` writes them; tests/chart/test_chart_sync.py fails when they drift.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CHART = Path(__file__).resolve().parents[1]
+REPO = CHART.parents[1]
+RBAC_RULES = CHART / "files" / "rbac" / "rules.yaml"
+HEALTH_LUA = REPO / "examples" / "argocd" / "health.lua"
+ARGOCD_CM = REPO / "examples" / "argocd" / "argocd-cm-health.yaml"
+HEALTH_KEY = "resource.customizations.health.rembg.io_RembgService"
+
+
+def operator_rules() -> dict[str, list[dict[str, Any]]]:
+    """The operator's RBAC rules, split into cluster-scoped and namespaced."""
+    from rembg_operator import rbac  # noqa: PLC0415  (the operator is only needed here)
+
+    return rbac.chart_rules()
+
+
+def build_rbac_rules() -> str:
+    header = (
+        "# Generated from operator/rembg_operator/rbac.py by `make chart`; do not edit.\n"
+        "# clusterRules: cluster-scoped by nature (always in a ClusterRole).\n"
+        "# namespacedRules: a Role per watched namespace, or the ClusterRole for all namespaces.\n"
+    )
+    return header + yaml.safe_dump(operator_rules(), sort_keys=False, default_flow_style=None)
+
+
+def build_argocd_cm() -> str:
+    lua = HEALTH_LUA.read_text()
+    indented = "".join(f"    {line}" if line.strip() else "\n" for line in lua.splitlines(True))
+    return (
+        "# Generated from examples/argocd/health.lua by `make chart`; do not edit.\n"
+        "# Argo CD health check for rembg.io/RembgService. Merge into argocd-cm:\n"
+        "#   kubectl -n argocd patch configmap argocd-cm --patch-file "
+        "examples/argocd/argocd-cm-health.yaml\n"
+        "# (argo-cd Helm chart: put the same key under configs.cm.)\n"
+        "apiVersion: v1\n"
+        "kind: ConfigMap\n"
+        "metadata:\n"
+        "  name: argocd-cm\n"
+        "  namespace: argocd\n"
+        "  labels:\n"
+        "    app.kubernetes.io/name: argocd-cm\n"
+        "    app.kubernetes.io/part-of: argocd\n"
+        "data:\n"
+        f"  {HEALTH_KEY}: |\n"
+        f"{indented}"
+    )
+
+
+GENERATED: dict[Path, Callable[[], str]] = {
+    RBAC_RULES: build_rbac_rules,
+    ARGOCD_CM: build_argocd_cm,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if a file is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path, build in GENERATED.items():
+        content = build()
+        if path.exists() and path.read_text() == content:
+            continue
+        stale.append(path.relative_to(REPO))
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    if stale:
+        verb = "out of date (run `make chart`)" if args.check else "written"
+        sys.stderr.write(f"{verb}: {', '.join(map(str, stale))}\n")
+    return 1 if (stale and args.check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
