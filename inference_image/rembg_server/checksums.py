@@ -65,7 +65,9 @@ def file_digest(path: Path, algorithm: str) -> str:
 def verify_file(path: Path, expected: Digest) -> None:
     """Raise ModelFileError naming the file and the reason unless it matches `expected`."""
     if not path.is_file():
-        raise ModelFileError(f"{path}: missing (models are provisioned at build time, never fetched)")
+        raise ModelFileError(
+            f"{path}: missing (models are provisioned at build time, never fetched)"
+        )
     try:
         actual = file_digest(path, expected.algorithm)
     except OSError as error:

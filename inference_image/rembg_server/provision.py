@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target = provision(dest)
     except ProvisionError as error:
-        print(f"provision: {error}", file=sys.stderr)
+        sys.stderr.write(f"provision: {error}\n")
         return 1
     state = "already present" if already else "provisioned"
-    print(f"{target}: {state}, {MODEL_DIGEST} verified")
+    sys.stdout.write(f"{target}: {state}, {MODEL_DIGEST} verified\n")
     return 0
 
 

@@ -1,0 +1,118 @@
+"""The FastAPI application: lifespan (models load in the background), routes, middleware."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from rembg_server import __version__
+from rembg_server.api import router
+from rembg_server.metrics import ServerMetrics
+from rembg_server.service import RemovalService, RequestRejectedError
+from rembg_server.settings import Settings
+
+access_log = logging.getLogger("rembg_server.access")
+REMOVAL_PATHS = frozenset({"/v1/remove", "/api/remove"})
+QUIET_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
+
+
+def create_app(
+    settings: Settings, registry: CollectorRegistry | None = None, *, autostart: bool = True
+) -> FastAPI:
+    """Build the app. With autostart=False the caller runs `app.state.service.prepare()`."""
+    metrics = ServerMetrics(registry if registry is not None else CollectorRegistry())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = RemovalService(settings, metrics)
+        app.state.service = service
+        preparing = asyncio.create_task(service.prepare()) if autostart else None
+        app.state.preparing = preparing
+        try:
+            yield
+        finally:
+            if preparing is not None and not preparing.done():
+                preparing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await preparing
+            await service.close()
+
+    app = FastAPI(
+        title="rembg-fleet inference server",
+        version=__version__,
+        description="Background removal on onnxruntime, with admission control and metrics.",
+        lifespan=lifespan,
+    )
+    app.include_router(router)
+    app.add_exception_handler(RequestRejectedError, _rejected)
+    app.add_middleware(RequestLogMiddleware)
+    return app
+
+
+async def _rejected(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestRejectedError)
+    return JSONResponse({"detail": error.message}, status_code=error.status, headers=error.headers)
+
+
+class RequestLogMiddleware:
+    """X-Request-ID, one log line per request, rembg_requests_total and request duration."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        fields: dict[str, Any] = {"request_id": request_id, "method": scope["method"]}
+        fields["path"] = scope["path"]
+        scope.setdefault("state", {})["log"] = fields
+        status = {"code": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            fields.update(status=status["code"], duration_s=round(time.monotonic() - started, 4))
+            self._record(scope, fields)
+
+    def _record(self, scope: Scope, fields: dict[str, Any]) -> None:
+        path = fields["path"]
+        if path in REMOVAL_PATHS:
+            service: RemovalService | None = getattr(scope["app"].state, "service", None)
+            if service is not None:
+                model = fields.get("model") or service.settings.default_model
+                if model not in service.settings.models:
+                    model = "unknown"  # keep label cardinality bounded
+                labels = (model, service.device_of(model))
+                service.metrics.requests.labels(*labels, str(fields["status"])).inc()
+                service.metrics.request_duration.labels(*labels).observe(fields["duration_s"])
+        level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
+        access_log.log(level, "request", extra={"fields": fields})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            text: str = value.decode("latin-1")[:128]
+            return text
+    return None

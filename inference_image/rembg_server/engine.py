@@ -1,0 +1,365 @@
+"""Model files, onnxruntime sessions and the mask pipeline around them.
+
+Two ways to run a rembg model:
+
+- a *recipe* model (the U2-Net, IS-Net, BiRefNet and BRIA families) follows rembg's
+  normalise -> run -> [sigmoid] -> min/max -> resize pipeline; the server runs it itself so
+  that several images can share one onnxruntime call (micro-batching) and so that the resizes
+  use cheaper filters. tests/server checks the masks stay within 1/255 of rembg.remove();
+- any other local rembg model runs through rembg's own session class, one image at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from PIL import Image
+from rembg.sessions import sessions
+
+from rembg_server.checksums import KNOWN_DIGESTS, Digest, ModelFileError, verify_file
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+UNIT_STD = (1.0, 1.0, 1.0)
+BATCH_AXIS = "batch"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """rembg's BaseSession.normalize() arguments plus its output transform, per model."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size: int
+    sigmoid: bool = False
+
+
+# Copied from rembg 2.0.86's sessions/*.py predict() methods; tests/server/test_recipes.py
+# compares each against rembg's own session class on a synthetic model of the same shape.
+RECIPES: dict[str, Recipe] = {
+    "u2net": Recipe(IMAGENET_MEAN, IMAGENET_STD, 320),
+    "u2netp": Recipe(IMAGENET_MEAN, IMAGENET_STD, 320),
+    "u2net_human_seg": Recipe(IMAGENET_MEAN, IMAGENET_STD, 320),
+    "silueta": Recipe(IMAGENET_MEAN, IMAGENET_STD, 320),
+    "isnet-general-use": Recipe((0.5, 0.5, 0.5), UNIT_STD, 1024),
+    "isnet-anime": Recipe(IMAGENET_MEAN, UNIT_STD, 1024),
+    "bria-rmbg": Recipe(IMAGENET_MEAN, IMAGENET_STD, 1024),
+    **{
+        name: Recipe(IMAGENET_MEAN, IMAGENET_STD, 1024, sigmoid=True)
+        for name in (
+            "birefnet-general",
+            "birefnet-general-lite",
+            "birefnet-portrait",
+            "birefnet-dis",
+            "birefnet-hrsod",
+            "birefnet-cod",
+            "birefnet-massive",
+        )
+    },
+}
+
+
+class ModelLoadError(Exception):
+    """A model cannot be served; the message names the model, the file and the reason."""
+
+
+@cache
+def servable_model_names() -> frozenset[str]:
+    """rembg's model names whose weights are one local <name>.onnx file the server can verify.
+
+    Excluded: remote backends, models needing credentials or a user-supplied path (*_custom),
+    and SAM (two files and prompts; it does not fit a remove endpoint).
+    """
+    return frozenset(
+        name
+        for name, cls in sessions.items()
+        if cls.is_local() and not cls.requires_credentials() and name in _SINGLE_FILE_MODELS
+    )
+
+
+# Local rembg models whose session reads exactly <name>.onnx; a new rembg model joins here
+# once its digest is added to checksums.KNOWN_DIGESTS.
+_SINGLE_FILE_MODELS = frozenset(KNOWN_DIGESTS) | {"birefnet-general-fp16"}
+
+
+def model_path(model_dir: Path, name: str) -> Path:
+    """Where rembg looks for <name>.onnx: <home>/models/<name>/ first, then <home>/ (legacy)."""
+    nested = model_dir / "models" / name / f"{name}.onnx"
+    return nested if nested.is_file() else model_dir / f"{name}.onnx"
+
+
+def expected_digest(name: str, overrides: dict[str, str]) -> Digest:
+    text = overrides.get(name) or KNOWN_DIGESTS.get(name)
+    if text is None:
+        raise ModelLoadError(
+            f'{name}: no known checksum (set REMBG_MODEL_CHECKSUMS=\'{{"{name}": "sha256:..."}}\')'
+        )
+    return Digest.parse(text)
+
+
+def build_session_options(threads: int) -> ort.SessionOptions:
+    """Bounded-memory, bounded-CPU onnxruntime options.
+
+    The CPU arena is off: it grows to the largest batch ever seen and never shrinks, which is
+    how rembg's server reached 5.9 GB at 16 concurrent requests. Spinning is off so idle
+    inference threads hand the cores back to the decode/encode pool on small CPU limits.
+    """
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def with_dynamic_batch(model_bytes: bytes) -> bytes:
+    """The same model with a symbolic batch axis on its first input and every output.
+
+    rembg's exports pin the batch dimension to 1; the convolutions themselves do not care.
+    Stale intermediate shapes are dropped so onnxruntime re-infers them.
+    """
+    model = onnx.load_from_string(model_bytes)
+    for value in [model.graph.input[0], *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_value")
+            dims[0].dim_param = BATCH_AXIS
+    del model.graph.value_info[:]
+    serialized: bytes = model.SerializeToString()
+    return serialized
+
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    requested: list[str]
+    refusal: str | None = None  # set when the requested provider cannot be used at all
+
+
+def choose_providers(provider: str, allow_cpu_fallback: bool) -> ProviderChoice:
+    available = ort.get_available_providers()
+    if provider == "cpu":
+        return ProviderChoice([CPU_PROVIDER])
+    if CUDA_PROVIDER in available:
+        return ProviderChoice([CUDA_PROVIDER, CPU_PROVIDER])
+    if provider == "auto" or allow_cpu_fallback:
+        return ProviderChoice([CPU_PROVIDER])
+    return ProviderChoice(
+        [],
+        refusal=(
+            f"{CUDA_PROVIDER} requested but this onnxruntime build offers only {available}; "
+            "set REMBG_ALLOW_CPU_FALLBACK=true to serve on CPU"
+        ),
+    )
+
+
+class MaskModel(Protocol):
+    """What the service needs from a loaded model."""
+
+    name: str
+    provider: str
+    device: str
+    batchable: bool
+    takes_tensors: bool
+
+    def preprocess(self, image: Image.Image) -> np.ndarray: ...
+    def infer(self, batch: np.ndarray) -> np.ndarray: ...
+    def postprocess(self, prediction: np.ndarray, size: tuple[int, int]) -> Image.Image: ...
+    def predict_mask(self, image: Image.Image) -> Image.Image: ...
+
+
+def device_of(provider: str) -> str:
+    return "cuda" if provider == CUDA_PROVIDER else "cpu"
+
+
+@dataclass
+class RecipeModel:
+    """A rembg mask model run directly on onnxruntime, batch axis made dynamic."""
+
+    name: str
+    recipe: Recipe
+    session: ort.InferenceSession
+    batchable: bool
+    takes_tensors: bool = True
+    input_name: str = field(init=False)
+    provider: str = field(init=False)
+    device: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.input_name = self.session.get_inputs()[0].name
+        self.provider = self.session.get_providers()[0]
+        self.device = device_of(self.provider)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """rembg's normalize(): resize, divide by the image maximum, standardise, CHW float32.
+
+        rembg resizes with plain LANCZOS from full size; reducing_gap first box-reduces by an
+        integer factor, which is several times cheaper on photos and differs by far less
+        than the 1/255 mask tolerance the tests hold it to.
+        """
+        side = self.recipe.size
+        small = image.convert("RGB").resize(
+            (side, side), Image.Resampling.LANCZOS, reducing_gap=3.0
+        )
+        pixels = np.asarray(small, dtype=np.float32)
+        pixels /= max(float(pixels.max()), 1e-6)
+        pixels -= np.asarray(self.recipe.mean, dtype=np.float32)
+        pixels /= np.asarray(self.recipe.std, dtype=np.float32)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, S, S) raw predictions from the first output."""
+        outputs = self.session.run(None, {self.input_name: batch})
+        prediction: np.ndarray = outputs[0][:, 0, :, :]
+        if self.recipe.sigmoid:
+            prediction = 1.0 / (1.0 + np.exp(-prediction))
+        return prediction
+
+    def postprocess(self, prediction: np.ndarray, size: tuple[int, int]) -> Image.Image:
+        """rembg's min/max scaling and truncation to uint8, then the resize to the input size."""
+        low, high = float(prediction.min()), float(prediction.max())
+        scaled = (prediction - low) / max(high - low, 1e-12)
+        mask = Image.fromarray((scaled * 255).astype(np.uint8), mode="L")
+        return mask.resize(size, Image.Resampling.BILINEAR)
+
+    def predict_mask(self, image: Image.Image) -> Image.Image:
+        prediction = self.infer(self.preprocess(image)[np.newaxis])
+        return self.postprocess(prediction[0], image.size)
+
+
+@dataclass
+class RembgSessionModel:
+    """Any other local rembg model, through rembg's own session class (no batching)."""
+
+    name: str
+    session: Any  # rembg.sessions.base.BaseSession
+    batchable: bool = False
+    takes_tensors: bool = False
+    provider: str = field(init=False)
+    device: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.provider = self.session.inner_session.get_providers()[0]
+        self.device = device_of(self.provider)
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        raise NotImplementedError(f"{self.name} runs through rembg's session, unbatched")
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{self.name} runs through rembg's session, unbatched")
+
+    def postprocess(self, prediction: np.ndarray, size: tuple[int, int]) -> Image.Image:
+        raise NotImplementedError(f"{self.name} runs through rembg's session, unbatched")
+
+    def predict_mask(self, image: Image.Image) -> Image.Image:
+        masks = self.session.predict(image)
+        # Multi-mask models (cloth segmentation) return one mask per class; rembg stacks the
+        # cutouts vertically. The server serves the union so the output keeps the input size.
+        combined: Image.Image = masks[0]
+        for extra in masks[1:]:
+            combined = Image.fromarray(np.maximum(np.asarray(combined), np.asarray(extra)))
+        return combined
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    name: str
+    model_dir: Path
+    checksums: dict[str, str]
+    provider: str
+    allow_cpu_fallback: bool
+    threads: int
+    batch_max_size: int
+
+
+def load_model(request: LoadRequest) -> MaskModel:
+    """Verify the file, open the session, check the provider; ModelLoadError says what failed."""
+    name = request.name
+    path = model_path(request.model_dir, name)
+    try:
+        verify_file(path, expected_digest(name, request.checksums))
+    except ModelFileError as error:
+        raise ModelLoadError(f"{name}: {error}") from error
+    choice = choose_providers(request.provider, request.allow_cpu_fallback)
+    if choice.refusal:
+        raise ModelLoadError(f"{name}: {choice.refusal}")
+    options = build_session_options(request.threads)
+    try:
+        model = _open(name, path, options, choice.requested, request.batch_max_size)
+    except ModelLoadError:
+        raise
+    except Exception as error:  # onnxruntime raises bare RuntimeError/Fail subclasses
+        raise ModelLoadError(f"{name}: {path}: onnxruntime cannot load it ({error})") from error
+    _check_provider(name, request, model.provider)
+    return model
+
+
+def _open(
+    name: str, path: Path, options: ort.SessionOptions, providers: list[str], batch: int
+) -> MaskModel:
+    recipe = RECIPES.get(name)
+    if recipe is None:
+        # The file is verified and in place, so rembg's download_models() finds it and
+        # never touches the network.
+        return RembgSessionModel(name, sessions[name](name, options, providers=providers))
+    model_bytes = path.read_bytes()
+    if batch > 1:
+        model_bytes = with_dynamic_batch(model_bytes)
+    session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+    return RecipeModel(name, recipe, session, batchable=batch > 1)
+
+
+def _check_provider(name: str, request: LoadRequest, active: str) -> None:
+    if request.provider == "cuda" and active != CUDA_PROVIDER and not request.allow_cpu_fallback:
+        raise ModelLoadError(
+            f"{name}: {CUDA_PROVIDER} requested but the session runs on {active} "
+            "(CUDA/cuDNN libraries missing?); set REMBG_ALLOW_CPU_FALLBACK=true to serve on CPU"
+        )
+
+
+def synthetic_warmup_image(width: int = 640, height: int = 480) -> Image.Image:
+    """A deterministic photo-like image: a lit disc on a gradient, no file needed."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    background = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 180
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2) < (min(width, height) / 3) ** 2
+    background[disc] = (230.0, 190.0, 160.0)
+    return Image.fromarray(background.astype(np.uint8), mode="RGB")
+
+
+class Heartbeat:
+    """Tracks the inference thread: a call running longer than `stall_seconds` means wedged."""
+
+    def __init__(self, stall_seconds: float, clock: Any = time.monotonic) -> None:
+        self._stall_seconds = stall_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._busy_since: float | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            self._busy_since = self._clock()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._busy_since = None
+
+    def stalled_for(self) -> float:
+        with self._lock:
+            since = self._busy_since
+        return 0.0 if since is None else self._clock() - since
+
+    def wedged(self) -> bool:
+        return self.stalled_for() > self._stall_seconds

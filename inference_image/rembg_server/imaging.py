@@ -1,0 +1,149 @@
+"""Pure image work: header probe, decode, cutout composition, encode. No I/O, no state."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from rembg.bg import alpha_matting_cutout, apply_background_color, naive_cutout, post_process
+
+# Formats a photo API needs; everything else is refused before any decoder runs.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+
+class ImageRejectedError(Exception):
+    """An input the server refuses; `status` is the HTTP code that says why."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UnsupportedImageError(ImageRejectedError):
+    status = 415
+
+
+class CorruptImageError(ImageRejectedError):
+    status = 400
+
+
+class TooManyPixelsError(ImageRejectedError):
+    status = 413
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    @property
+    def megapixels(self) -> float:
+        return self.pixels / 1e6
+
+
+def probe(data: bytes, max_pixels: int) -> ImageHeader:
+    """Read only the header: format and size, and refuse pixel bombs before any decoding.
+
+    Image.open parses the header lazily; Pillow's own bomb guard (MAX_IMAGE_PIXELS, raised
+    to our limit at start-up) raises for the absurd cases, our check covers the rest.
+    """
+    if not data:
+        raise CorruptImageError("empty body: send the image bytes")
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            header = ImageHeader(str(image.format), image.width, image.height)
+    except Image.DecompressionBombError as error:
+        raise TooManyPixelsError(f"image header declares too many pixels ({error})") from error
+    except UnidentifiedImageError as error:
+        raise UnsupportedImageError(
+            f"not a supported image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+        ) from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise CorruptImageError(f"unreadable image header: {error}") from error
+    if header.width <= 0 or header.height <= 0:
+        raise CorruptImageError(f"image header declares {header.width}x{header.height} pixels")
+    if header.pixels > max_pixels:
+        raise TooManyPixelsError(
+            f"{header.width}x{header.height} = {header.pixels} pixels exceeds the limit of "
+            f"{max_pixels}"
+        )
+    return header
+
+
+def decode(data: bytes) -> Image.Image:
+    """Fully decode (first frame), apply EXIF orientation like rembg does, keep alpha if any."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+            wanted = "RGBA" if _has_alpha(image) else "RGB"
+            return image.convert(wanted) if image.mode != wanted else image.copy()
+    except Image.DecompressionBombError as error:
+        raise TooManyPixelsError(str(error)) from error
+    except (OSError, ValueError, SyntaxError) as error:
+        raise CorruptImageError(f"corrupt or truncated image: {error}") from error
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in {"RGBA", "LA", "PA"} or "transparency" in image.info
+
+
+@dataclass(frozen=True)
+class Composition:
+    only_mask: bool = False
+    post_process_mask: bool = False
+    bgcolor: tuple[int, int, int, int] | None = None
+    alpha_matting: bool = False
+    alpha_matting_foreground_threshold: int = 240
+    alpha_matting_background_threshold: int = 10
+    alpha_matting_erode_size: int = 10
+
+
+def compose(image: Image.Image, mask: Image.Image, how: Composition) -> Image.Image:
+    """rembg.remove()'s single-mask branch: optional mask clean-up, cutout, background fill."""
+    if how.post_process_mask:
+        mask = Image.fromarray(post_process(np.asarray(mask)))
+    if how.only_mask:
+        return mask
+    if how.alpha_matting:
+        try:
+            cutout = alpha_matting_cutout(
+                image,
+                mask,
+                how.alpha_matting_foreground_threshold,
+                how.alpha_matting_background_threshold,
+                how.alpha_matting_erode_size,
+            )
+        except ValueError:  # rembg falls back the same way when the trimap is degenerate
+            cutout = naive_cutout(image, mask)
+    else:
+        cutout = naive_cutout(image, mask)
+    if how.bgcolor is not None:
+        cutout = apply_background_color(cutout, how.bgcolor)
+    result: Image.Image = cutout
+    return result
+
+
+def encode(
+    image: Image.Image, fmt: Literal["png", "webp"], png_level: int, webp_quality: int
+) -> bytes:
+    """PNG at a fast zlib level: level 6 costs ~2x the CPU of level 1 for ~1-2% smaller files."""
+    buffer = io.BytesIO()
+    if fmt == "png":
+        image.save(buffer, "PNG", compress_level=png_level)
+    else:
+        image.save(buffer, "WEBP", quality=webp_quality, method=0)
+    return buffer.getvalue()
+
+
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp"}

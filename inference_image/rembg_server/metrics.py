@@ -1,0 +1,81 @@
+"""The metric names the operator's autoscalers and alerts read (listed in the README).
+
+Every metric lives in an injected CollectorRegistry, so tests get a fresh one per app.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LABELS = ("model", "device")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "rembg_requests",
+            "Removal requests answered, by HTTP status code.",
+            [*LABELS, "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "rembg_request_duration_seconds",
+            "Time from request start to response, for removal requests.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_duration = Histogram(
+            "rembg_queue_duration_seconds",
+            "Time a preprocessed image waited for its inference batch.",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            "rembg_inference_duration_seconds",
+            "Time of one onnxruntime call (one batch).",
+            LABELS,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "rembg_batch_size",
+            "Images per inference call.",
+            LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.pending_requests = Gauge(
+            "rembg_pending_requests",
+            "Admitted removal requests not yet answered (queued or in work).",
+            LABELS,
+            registry=registry,
+        )
+        self.pending_megapixels = Gauge(
+            "rembg_pending_megapixels",
+            "Megapixels of admitted removal requests not yet answered.",
+            LABELS,
+            registry=registry,
+        )
+        self.warmup_seconds = Gauge(
+            "rembg_warmup_seconds",
+            "Time spent warming each model before readiness.",
+            LABELS,
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "rembg_model_info",
+            "Loaded model and its active onnxruntime execution provider (value 1).",
+            [*LABELS, "provider"],
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "rembg_ready",
+            "1 when the model is loaded, verified, warmed up and the server is not draining.",
+            LABELS,
+            registry=registry,
+        )

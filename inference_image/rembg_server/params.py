@@ -1,0 +1,85 @@
+"""Request parameters, parsed once into typed models at the HTTP boundary."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+Color = tuple[int, int, int, int]
+
+
+def parse_color(value: object) -> object:
+    """'r,g,b[,a]' (rembg's bgc form) or '#rrggbb[aa]' -> an RGBA tuple of 0..255 ints."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("#"):
+        digits = text[1:]
+        if len(digits) not in (6, 8):
+            raise ValueError("hex colours are #rrggbb or #rrggbbaa")
+        try:
+            channels = [int(digits[i : i + 2], 16) for i in range(0, len(digits), 2)]
+        except ValueError as error:
+            raise ValueError(f"{text!r} is not a hex colour") from error
+    else:
+        try:
+            channels = [int(part) for part in text.split(",")]
+        except ValueError as error:
+            raise ValueError(f"{text!r} is not 'r,g,b[,a]' with integers 0-255") from error
+    if len(channels) == 3:
+        channels.append(255)
+    if len(channels) != 4 or not all(0 <= channel <= 255 for channel in channels):
+        raise ValueError(f"{text!r} is not 'r,g,b[,a]' with integers 0-255")
+    return tuple(channels)
+
+
+BgColor = Annotated[Color | None, BeforeValidator(parse_color)]
+Threshold = Annotated[int, Field(ge=0, le=255)]
+
+
+class RemoveParams(BaseModel):
+    """Query parameters of POST /v1/remove."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str | None = Field(default=None, description="Model name; default: the first loaded")
+    format: Literal["png", "webp"] = Field(default="png", description="Output image format")
+    only_mask: bool = Field(default=False, description="Return the alpha mask only")
+    post_process_mask: bool = Field(default=False, description="Smooth the mask edges")
+    bgcolor: BgColor = Field(
+        default=None, description="Fill the background: 'r,g,b[,a]' or '#rrggbb[aa]'"
+    )
+    alpha_matting: bool = Field(default=False, description="Alpha matting (if enabled)")
+    alpha_matting_foreground_threshold: Threshold = 240
+    alpha_matting_background_threshold: Threshold = 10
+    alpha_matting_erode_size: Annotated[int, Field(ge=0, le=255)] = 10
+
+
+class RembgFormParams(BaseModel):
+    """rembg's own server fields (`rembg s`, POST /api/remove), same names and defaults."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str | None = None
+    a: bool = False
+    af: Threshold = 240
+    ab: Threshold = 10
+    ae: Annotated[int, Field(ge=0, le=255)] = 10
+    om: bool = False
+    ppm: bool = False
+    bgc: BgColor = None
+
+    def as_remove_params(self) -> RemoveParams:
+        return RemoveParams(
+            model=self.model,
+            only_mask=self.om,
+            post_process_mask=self.ppm,
+            bgcolor=self.bgc,
+            alpha_matting=self.a,
+            alpha_matting_foreground_threshold=self.af,
+            alpha_matting_background_threshold=self.ab,
+            alpha_matting_erode_size=self.ae,
+        )

@@ -1,0 +1,426 @@
+"""The removal service: model lifecycle, readiness, admission and the per-request pipeline.
+
+HTTP-free on purpose: api.py turns requests into `RemovalRequest`s and maps
+`RequestRejectedError` to responses; tests and the warmup drive the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, TypeVar
+
+from PIL import Image
+
+from rembg_server.admission import AdmissionBudget, Ticket
+from rembg_server.batcher import BatchWorker, Job
+from rembg_server.cache import ResultCache, cache_key
+from rembg_server.engine import (
+    Heartbeat,
+    LoadRequest,
+    MaskModel,
+    ModelLoadError,
+    load_model,
+    synthetic_warmup_image,
+)
+from rembg_server.imaging import (
+    MEDIA_TYPES,
+    Composition,
+    ImageHeader,
+    ImageRejectedError,
+    compose,
+    decode,
+    encode,
+    probe,
+)
+from rembg_server.metrics import ServerMetrics
+from rembg_server.settings import Settings
+
+log = logging.getLogger("rembg_server")
+T = TypeVar("T")
+WARMUP_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+class RequestRejectedError(Exception):
+    """The request is answered with `status` and `message`; nothing went wrong server-side."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+@dataclass(frozen=True)
+class RemovalRequest:
+    data: bytes
+    model: str
+    output: Literal["png", "webp"] = "png"
+    composition: Composition = field(default_factory=Composition)
+
+
+@dataclass
+class Timings:
+    decode: float = 0.0
+    queue: float = 0.0
+    inference: float = 0.0
+    encode: float = 0.0
+
+    def server_timing(self) -> str:
+        return ", ".join(f"{name};dur={value * 1000:.1f}" for name, value in asdict(self).items())
+
+
+@dataclass(frozen=True)
+class RemovalResult:
+    body: bytes
+    media_type: str
+    model: str
+    header: ImageHeader | None
+    timings: Timings
+    cached: bool = False
+
+
+@dataclass
+class ServedModel:
+    model: MaskModel
+    worker: BatchWorker
+
+
+class RemovalService:
+    def __init__(self, settings: Settings, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, ServedModel] = {}
+        self.failures: dict[str, str] = {}
+        self.budget = AdmissionBudget(settings.queue_max_requests, settings.queue_max_megapixels)
+        self.cache = ResultCache(settings.cache_max_bytes)
+        self._cpu = ThreadPoolExecutor(
+            max_workers=settings.resolved_cpu_workers(), thread_name_prefix="cpu"
+        )
+        self._prepared = False
+        self._warming: str | None = None
+        self._draining = False
+        self._heartbeats: dict[str, Heartbeat] = {}
+        # Pillow's own bomb guard at our limit; larger headers raise DecompressionBombError in
+        # probe(). The in-between warning is redundant with our explicit check.
+        Image.MAX_IMAGE_PIXELS = settings.max_pixels
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def device_of(self, name: str) -> str:
+        served = self.models.get(name)
+        if served is not None:
+            return served.model.device
+        return "cuda" if self.settings.provider == "cuda" else "cpu"
+
+    async def prepare(self) -> None:
+        """Load and verify every model, start its worker, warm it up, then turn ready."""
+        self._publish_readiness()
+        for name in self.settings.models:
+            try:
+                model = await asyncio.to_thread(load_model, self._load_request(name))
+            except ModelLoadError as error:
+                self.failures[name] = str(error)
+                reason = {"reason": str(error)}
+                log.error("model not servable", extra={"fields": reason})  # noqa: TRY400
+                continue
+            self._start(model)
+        for name in list(self.models):
+            await self._warm_up(name)
+        self._prepared = True
+        self._publish_readiness()
+        ready, reasons = self.readiness()
+        log.info("prepared", extra={"fields": {"ready": ready, "reasons": reasons}})
+
+    def _load_request(self, name: str) -> LoadRequest:
+        return LoadRequest(
+            name=name,
+            model_dir=self.settings.model_dir,
+            checksums=self.settings.model_checksums,
+            provider=self.settings.provider,
+            allow_cpu_fallback=self.settings.allow_cpu_fallback,
+            threads=self.settings.resolved_threads(),
+            batch_max_size=self.settings.batch_max_size,
+        )
+
+    def _start(self, model: MaskModel) -> None:
+        heartbeat = Heartbeat(self.settings.liveness_stall_seconds)
+        labels = (model.name, model.device)
+
+        def observe(size: int, seconds: float, waits: list[float]) -> None:
+            self.metrics.batch_size.labels(*labels).observe(size)
+            self.metrics.inference_duration.labels(*labels).observe(seconds)
+            for wait in waits:
+                self.metrics.queue_duration.labels(*labels).observe(wait)
+
+        worker = BatchWorker(
+            model,
+            self.settings.batch_max_size,
+            self.settings.batch_max_wait_ms / 1000,
+            heartbeat,
+            observe,
+        )
+        worker.start()
+        self.models[model.name] = ServedModel(model, worker)
+        self._heartbeats[model.name] = heartbeat
+        self.metrics.model_info.labels(*labels, model.provider).set(1)
+        log.info(
+            "model loaded",
+            extra={"fields": {"model": model.name, "provider": model.provider}},
+        )
+
+    async def _warm_up(self, name: str) -> None:
+        self._warming = name
+        started = time.monotonic()
+        images = [synthetic_warmup_image(), *self._warmup_images()]
+        composition = Composition()
+        for _ in range(self.settings.warmup_runs):
+            for image in images:
+                await self._process_image(name, image, composition, Timings(), deadline=None)
+        batch = self.settings.batch_max_size
+        if self.models[name].model.batchable and batch > 1 and self.settings.warmup_runs:
+            # One full batch, so the first real burst does not pay for new tensor shapes.
+            await asyncio.gather(
+                *(self._mask(name, images[0], Timings(), None) for _ in range(batch))
+            )
+        seconds = time.monotonic() - started
+        self.metrics.warmup_seconds.labels(name, self.device_of(name)).set(seconds)
+        self._warming = None
+
+    def _warmup_images(self) -> list[Image.Image]:
+        folder = self.settings.warmup_dir
+        if folder is None:
+            return []
+        images = []
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in WARMUP_SUFFIXES:
+                continue
+            try:
+                data = path.read_bytes()
+                probe(data, self.settings.max_pixels)
+                images.append(decode(data))
+            except (OSError, ImageRejectedError) as error:
+                log.warning(
+                    "warmup image skipped",
+                    extra={"fields": {"path": str(path), "reason": str(error)}},
+                )
+        return images
+
+    def begin_drain(self) -> None:
+        self._draining = True
+        self._publish_readiness()
+
+    async def close(self) -> None:
+        self.begin_drain()
+        for served in self.models.values():
+            await served.worker.stop()
+        self._cpu.shutdown(wait=True, cancel_futures=True)
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        reasons = [f"{name}: not servable: {reason}" for name, reason in self.failures.items()]
+        if self._warming is not None:
+            reasons.append(f"warming up {self._warming}")
+        elif not self._prepared and not reasons:
+            reasons.append("loading models")
+        if self._draining:
+            reasons.append("draining: shutting down")
+        return not reasons and self._prepared, reasons
+
+    def liveness(self) -> tuple[bool, list[str]]:
+        reasons = []
+        for name, served in self.models.items():
+            if not served.worker.alive():
+                stalled = self._heartbeats[name].stalled_for()
+                reasons.append(f"{name}: inference worker dead or stuck for {stalled:.0f}s")
+        return not reasons, reasons
+
+    def _publish_readiness(self) -> None:
+        ready, _ = self.readiness()
+        for name in self.settings.models:
+            servable = name in self.models
+            self.metrics.ready.labels(name, self.device_of(name)).set(int(ready and servable))
+
+    # --- requests --------------------------------------------------------------------------
+
+    async def remove(
+        self,
+        request: RemovalRequest,
+        deadline: float,
+        disconnected: Awaitable[Any] | None = None,
+    ) -> RemovalResult:
+        """Admission, then decode -> infer -> compose -> encode. Raises RequestRejectedError."""
+        if request.model not in self.models:
+            raise RequestRejectedError(400, self._unknown_model_message(request.model))
+        ready, reasons = self.readiness()
+        if not ready:
+            raise RequestRejectedError(
+                503, "not ready: " + "; ".join(reasons), {"Retry-After": "5"}
+            )
+        key = ""
+        if self.cache.enabled:
+            key = cache_key(request.model, _options_key(request), request.data)
+            hit = self.cache.get(key)
+            if hit is not None:
+                media = MEDIA_TYPES[request.output]
+                return RemovalResult(hit, media, request.model, None, Timings(), cached=True)
+        header = self._probe(request.data)
+        ticket = self._admit(request.model, header)
+        started = time.monotonic()
+        try:
+            result = await self._run_with_disconnect(
+                self._pipeline(request, header, deadline), disconnected
+            )
+        finally:
+            self._release(request.model, ticket, time.monotonic() - started)
+        if key:
+            self.cache.put(key, result.body)
+        return result
+
+    def _unknown_model_message(self, name: str) -> str:
+        return f"model {name!r} is not loaded here; loaded: {sorted(self.models)}"
+
+    def _probe(self, data: bytes) -> ImageHeader:
+        try:
+            return probe(data, self.settings.max_pixels)
+        except ImageRejectedError as error:
+            raise RequestRejectedError(error.status, error.message) from error
+
+    def _admit(self, model: str, header: ImageHeader) -> Ticket:
+        ticket = self.budget.try_acquire(header.megapixels)
+        if ticket is None:
+            retry = str(self.budget.retry_after_seconds())
+            pending, megapixels = self.budget.pending
+            raise RequestRejectedError(
+                429,
+                f"overloaded: {pending} requests / {megapixels:.1f} megapixels pending",
+                {"Retry-After": retry},
+            )
+        labels = (model, self.device_of(model))
+        self.metrics.pending_requests.labels(*labels).inc()
+        self.metrics.pending_megapixels.labels(*labels).inc(header.megapixels)
+        return ticket
+
+    def _release(self, model: str, ticket: Ticket, seconds: float) -> None:
+        self.budget.release(ticket, seconds)
+        labels = (model, self.device_of(model))
+        self.metrics.pending_requests.labels(*labels).dec()
+        self.metrics.pending_megapixels.labels(*labels).dec(ticket.megapixels)
+
+    async def _run_with_disconnect(
+        self, work: Awaitable[RemovalResult], disconnected: Awaitable[Any] | None
+    ) -> RemovalResult:
+        """Run `work`, but cancel it as soon as the client goes away (queued jobs then skip)."""
+        task = asyncio.ensure_future(work)
+        if disconnected is None:
+            return await task
+        watcher = asyncio.ensure_future(disconnected)
+        try:
+            done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RequestRejectedError):
+            await task
+        raise RequestRejectedError(499, "client disconnected")
+
+    async def _pipeline(
+        self, request: RemovalRequest, header: ImageHeader, deadline: float
+    ) -> RemovalResult:
+        timings = Timings()
+        image = await self._timed(timings, "decode", lambda: self._decode(request.data))
+        cutout = await self._process_image(
+            request.model, image, request.composition, timings, deadline
+        )
+        body = await self._timed(
+            timings,
+            "encode",
+            lambda: encode(
+                cutout,
+                request.output,
+                self.settings.png_compress_level,
+                self.settings.webp_quality,
+            ),
+        )
+        return RemovalResult(body, MEDIA_TYPES[request.output], request.model, header, timings)
+
+    @staticmethod
+    def _decode(data: bytes) -> Image.Image:
+        try:
+            return decode(data)
+        except ImageRejectedError as error:
+            raise RequestRejectedError(error.status, error.message) from error
+
+    async def _process_image(
+        self,
+        name: str,
+        image: Image.Image,
+        composition: Composition,
+        timings: Timings,
+        deadline: float | None,
+    ) -> Image.Image:
+        mask = await self._mask(name, image, timings, deadline)
+        started = time.monotonic()
+        result = await self._cpu_call(lambda: compose(image, mask, composition))
+        timings.encode += time.monotonic() - started
+        return result
+
+    async def _mask(
+        self, name: str, image: Image.Image, timings: Timings, deadline: float | None
+    ) -> Image.Image:
+        model = self.models[name].model
+        if not model.takes_tensors:
+            prediction = await self._infer(name, image, timings, deadline)
+            mask: Image.Image = prediction
+            return mask
+        tensor = await self._timed(timings, "decode", lambda: model.preprocess(image))
+        prediction = await self._infer(name, tensor, timings, deadline)
+        return await self._cpu_call(lambda: model.postprocess(prediction, image.size))
+
+    async def _infer(
+        self, name: str, payload: Any, timings: Timings, deadline: float | None
+    ) -> Any:
+        job = self.models[name].worker.submit(payload)
+        try:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            result = await asyncio.wait_for(asyncio.shield(job.future), timeout)
+        except TimeoutError:
+            return self._deadline_passed(job)
+        finally:
+            if not job.future.done():
+                job.future.cancel()  # the worker skips jobs whose caller has gone
+        if job.started_at is not None:
+            timings.queue += job.started_at - job.enqueued_at
+            timings.inference += time.monotonic() - job.started_at
+        return result
+
+    def _deadline_passed(self, job: Job) -> Any:
+        if job.started_at is not None:
+            raise RequestRejectedError(504, "request deadline passed during inference")
+        retry = str(self.budget.retry_after_seconds())
+        raise RequestRejectedError(
+            503, "request deadline passed while queued", {"Retry-After": retry}
+        )
+
+    async def _timed(self, timings: Timings, stage: str, function: Callable[[], T]) -> T:
+        started = time.monotonic()
+        try:
+            return await self._cpu_call(function)
+        finally:
+            setattr(timings, stage, getattr(timings, stage) + time.monotonic() - started)
+
+    async def _cpu_call(self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, function)
+
+
+def _options_key(request: RemovalRequest) -> str:
+    return json.dumps({"output": request.output, **asdict(request.composition)}, sort_keys=True)

@@ -1,0 +1,133 @@
+"""Every knob of the server, read once from the environment (prefix REMBG_)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from rembg_server.checksums import Digest
+from rembg_server.engine import servable_model_names
+
+Provider = Literal["cpu", "cuda", "auto"]
+OutputFormat = Literal["png", "webp"]
+
+_MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Server settings. Each field maps to REMBG_<FIELD_NAME>; see the README table."""
+
+    model_config = SettingsConfigDict(env_prefix="REMBG_", extra="ignore", frozen=True)
+
+    host: str = "0.0.0.0"  # noqa: S104 - a container listens on all interfaces
+    port: int = Field(default=8080, ge=1, le=65535)
+    models: Annotated[tuple[str, ...], NoDecode] = ("u2netp",)
+    model_dir: Path = Field(
+        default=Path("~/.u2net"),
+        validation_alias=AliasChoices("REMBG_MODEL_DIR", "U2NET_HOME"),
+        description="Directory holding <model>.onnx; rembg's own U2NET_HOME is honoured.",
+    )
+    model_checksums: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra or overriding digests, JSON {name: 'md5:<hex>' | 'sha256:<hex>'}.",
+    )
+    provider: Provider = "cpu"
+    allow_cpu_fallback: bool = False
+    threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = CPU limit")
+    cpu_workers: int = Field(default=0, ge=0, description="decode/encode threads; 0 = CPU limit")
+    max_body_bytes: int = Field(default=20 * _MIB, gt=0)
+    max_pixels: int = Field(default=40_000_000, gt=0)
+    queue_max_requests: int = Field(default=32, gt=0)
+    queue_max_megapixels: float = Field(default=200.0, gt=0)
+    request_timeout_seconds: float = Field(default=60.0, gt=0)
+    batch_max_size: int = Field(default=1, ge=1, le=64)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    warmup_runs: int = Field(default=2, ge=0)
+    warmup_dir: Path | None = None
+    png_compress_level: int = Field(default=1, ge=0, le=9)
+    webp_quality: int = Field(default=90, ge=1, le=100)
+    cache_max_bytes: int = Field(default=0, ge=0, description="result cache size; 0 = off")
+    alpha_matting_enabled: bool = False
+    liveness_stall_seconds: float = Field(default=120.0, gt=0)
+    drain_delay_seconds: float = Field(default=0.0, ge=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    log_format: Literal["json", "text"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one model is required")
+        servable = servable_model_names()
+        unknown = [name for name in value if name not in servable]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; servable: {sorted(servable)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"duplicate model names in {list(value)}")
+        return value
+
+    @field_validator("model_dir", "warmup_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None
+
+    @field_validator("model_checksums")
+    @classmethod
+    def _valid_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        for digest in value.values():
+            Digest.parse(digest)
+        return value
+
+    @model_validator(mode="after")
+    def _coherent_limits(self) -> Settings:
+        if self.max_pixels / 1e6 > self.queue_max_megapixels:
+            raise ValueError(
+                f"max_pixels ({self.max_pixels}) exceeds queue_max_megapixels "
+                f"({self.queue_max_megapixels}): such an image could never be admitted"
+            )
+        return self
+
+    @property
+    def default_model(self) -> str:
+        return self.models[0]
+
+    def resolved_threads(self) -> int:
+        return self.threads or cpu_limit()
+
+    def resolved_cpu_workers(self) -> int:
+        return self.cpu_workers or cpu_limit()
+
+
+def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process may use: the cgroup v2 quota if one is set, else its affinity mask."""
+    available = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup_root / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return available
+    if quota == "max":
+        return available
+    return max(1, min(available, math.ceil(int(quota) / int(period))))
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each bad setting by its environment variable."""
+    parts = []
+    for item in error.errors():
+        name = str(item["loc"][0]) if item["loc"] else ""
+        variable = f"REMBG_{name.upper()}" if name else "settings"
+        parts.append(f"{variable}: {item['msg']}")
+    return "invalid configuration: " + "; ".join(parts)
