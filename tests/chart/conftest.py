@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import lupa.lua51  # Argo CD runs health checks in gopher-lua, a Lua 5.1 implementation
 import pytest
+import skimage.data
 import yaml
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from rembg_devcluster.binaries import BUILD_HINT, locate_binaries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -91,3 +99,61 @@ def argocd_health() -> Callable[[Manifest], tuple[str, str]]:
         return str(result["status"]), str(result["message"])
 
     return _health
+
+
+@pytest.fixture(scope="session")
+def server_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+    """Sample names the real inference server (`python -m rembg_server`: real onnxruntime, the
+    real u2netp weights from U2NET_HOME) exports after serving one real image; labelled series
+    appear only once observed, so one removal request comes first."""
+    image = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(image, format="PNG")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {
+        **os.environ,
+        "REMBG_HOST": "127.0.0.1",
+        "REMBG_PORT": str(port),
+        "REMBG_WARMUP_RUNS": "1",
+        "REMBG_LOG_FORMAT": "text",
+    }
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "rembg_server"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _ready(base):
+            assert server.poll() is None, f"server exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"server not ready: {log.read_text()[-2000:]}"
+            time.sleep(0.2)
+        removed = httpx.post(
+            f"{base}/v1/remove",
+            content=image.getvalue(),
+            headers={"Content-Type": "image/png"},
+            timeout=60,
+        )
+        assert removed.status_code == 200, removed.text
+        exposition = httpx.get(f"{base}/metrics", timeout=10).text
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
+    return {
+        sample.name
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def _ready(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
