@@ -16,7 +16,7 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,14 @@ from rembg_devcluster.kubeconfig import (
 )
 from rembg_devcluster.layout import Layout, Ports
 from rembg_devcluster.ports import ensure_ports_free, free_port
-from rembg_devcluster.process import ProcessRecord, log_tail, raise_if_dead, spawn, stop
+from rembg_devcluster.process import (
+    ProcessHost,
+    ProcessRecord,
+    log_tail,
+    raise_if_dead,
+    spawn,
+    stop,
+)
 
 ADMIN_USER = "rembg-admin"
 # Stop order: whatever runs on top of the cluster first, then the watchers, then the store.
@@ -141,7 +148,7 @@ def write_kubeconfigs(layout: Layout, server: str, admin_token: str) -> None:
     write_kubeconfig(layout.kubeconfig, admin)
 
 
-class DevCluster(KubeHandle):
+class DevCluster(KubeHandle, ProcessHost):
     """A running local cluster (started here, or attached to from state.json)."""
 
     def __init__(self, state: ClusterState) -> None:
@@ -197,15 +204,24 @@ class DevCluster(KubeHandle):
 
     def stop(self, extra_grace_seconds: float = 10.0) -> None:
         """Stops extra processes (operator, servers) first, then the control plane in order."""
-        control_plane = set(CONTROL_PLANE_ORDER)
-        extras = [p for p in reversed(self.state.processes) if p.name not in control_plane]
-        for record in extras:
-            stop(record, self._popens.get(record.name), grace_seconds=extra_grace_seconds)
+        self.stop_extras(names_to_keep=CONTROL_PLANE_ORDER, grace_seconds=extra_grace_seconds)
         by_name = {p.name: p for p in self.state.processes}
         for name in CONTROL_PLANE_ORDER:
             if found := by_name.get(name):
                 stop(found, self._popens.get(name), grace_seconds=10.0)
-        self._save()
+        self.save()
+
+    @property
+    def records(self) -> list[ProcessRecord]:
+        return self.state.processes
+
+    @records.setter
+    def records(self, value: list[ProcessRecord]) -> None:
+        self.state.processes = value
+
+    @property
+    def log_dir(self) -> Path:
+        return self.layout.logs
 
     def running(self) -> dict[str, bool]:
         return {p.name: p.alive() for p in self.state.processes}
@@ -213,47 +229,6 @@ class DevCluster(KubeHandle):
     def resident_memory(self) -> dict[str, int]:
         """RSS in bytes of each process (with its children)."""
         return {p.name: p.rss_bytes() for p in self.state.processes}
-
-    # ---- extra processes (operator, inference server) ---------------------------------------
-
-    def spawn(
-        self,
-        name: str,
-        argv: Sequence[str],
-        env: Mapping[str, str] | None = None,
-        cwd: Path | None = None,
-    ) -> ProcessRecord:
-        """Starts a process tied to this cluster: logged under logs/, stopped first by stop().
-
-        env defaults to self.env (KUBECONFIG and PATH set). A name may be reused once the
-        previous process of that name is stopped (e.g. to restart the operator).
-        """
-        if any(p.name == name and p.alive() for p in self.state.processes):
-            raise DevClusterError(f"a process named {name!r} is already running")
-        self.state.processes = [p for p in self.state.processes if p.name != name]
-        popen, record = spawn(name, argv, self.layout.log(name), env or self.env, cwd)
-        self._popens[name] = popen
-        self.state.processes.append(record)
-        self._save()
-        return record
-
-    def stop_process(self, name: str, grace_seconds: float = 10.0) -> None:
-        """Stops one extra process (SIGTERM to its group, SIGKILL after the grace period)."""
-        record = self.process(name)
-        stop(record, self._popens.get(name), grace_seconds=grace_seconds)
-
-    def kill_process(self, name: str) -> None:
-        """SIGKILLs one process group at once (a crash, for restart tests)."""
-        self.stop_process(name, grace_seconds=0.0)
-
-    def process(self, name: str) -> ProcessRecord:
-        for record in self.state.processes:
-            if record.name == name:
-                return record
-        raise DevClusterError(f"no process named {name!r} in this cluster")
-
-    def log_tail(self, name: str, lines: int = 60) -> str:
-        return log_tail(self.layout.log(name), lines)
 
     # ---- boot ------------------------------------------------------------------------------
 
@@ -317,7 +292,7 @@ class DevCluster(KubeHandle):
                 *[f"crd/{name}" for name in monitoring_crd_names(binaries.monitoring_crds_dir)],
             )
         self._mark("ready", t0)
-        self._save()
+        self.save()
 
     def install_monitoring_crds(self, crds_dir: Path) -> None:
         """The Prometheus Operator's CRDs (PrometheusRule, ServiceMonitor, PodMonitor)."""
@@ -341,7 +316,7 @@ class DevCluster(KubeHandle):
         popen, record = spawn(name, argv, self.layout.log(name))
         self._popens[name] = popen
         self.state.processes.append(record)
-        self._save()
+        self.save()
 
     def _wait(self, name: str, deadline: float, ready: Callable[[], bool]) -> None:
         """Polls ready() until it holds; fails fast with the log tail if any component died."""
@@ -361,7 +336,7 @@ class DevCluster(KubeHandle):
     def _mark(self, step: str, t0: float) -> None:
         self.state.timings_seconds[step] = round(time.monotonic() - t0, 3)
 
-    def _save(self) -> None:
+    def save(self) -> None:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.state_file.write_text(self.state.model_dump_json(indent=2))
 

@@ -142,3 +142,69 @@ def stop(
     kill_deadline = time.monotonic() + 5
     while (record.alive() or _group_members(record.pid)) and time.monotonic() < kill_deadline:
         time.sleep(0.05)
+
+
+class ProcessHost:
+    """Mixin for a cluster handle that also runs processes on top of it (operator, servers).
+
+    Subclasses provide `records`, `log_dir`, `env` and `save()`; each spawned process logs to
+    log_dir/<name>.log and is stopped by `stop_extras()` before the cluster itself goes down.
+    """
+
+    records: list[ProcessRecord]
+    _popens: dict[str, subprocess.Popen[bytes]]
+
+    @property
+    def log_dir(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def env(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def save(self) -> None:
+        """Persists the records (a no-op where nothing outlives this Python process)."""
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> ProcessRecord:
+        """Starts a process tied to this cluster: logged under log_dir, stopped before the cluster.
+
+        env defaults to self.env (KUBECONFIG and PATH set). A name may be reused once the
+        previous process of that name is stopped (e.g. to restart the operator).
+        """
+        if any(p.name == name and p.alive() for p in self.records):
+            raise ComponentDiedError(f"a process named {name!r} is already running")
+        self.records = [p for p in self.records if p.name != name]
+        popen, record = spawn(name, argv, self.log_dir / f"{name}.log", env or self.env, cwd)
+        self._popens[name] = popen
+        self.records.append(record)
+        self.save()
+        return record
+
+    def process(self, name: str) -> ProcessRecord:
+        for record in self.records:
+            if record.name == name:
+                return record
+        raise KeyError(f"no process named {name!r} was spawned here")
+
+    def stop_process(self, name: str, grace_seconds: float = 10.0) -> None:
+        """Stops one process (SIGTERM to its group, SIGKILL after the grace period)."""
+        stop(self.process(name), self._popens.get(name), grace_seconds=grace_seconds)
+
+    def kill_process(self, name: str) -> None:
+        """SIGKILLs one process group at once: a crash, e.g. the operator mid-reconcile."""
+        self.stop_process(name, grace_seconds=0.0)
+
+    def log_tail(self, name: str, lines: int = 60) -> str:
+        return log_tail(self.log_dir / f"{name}.log", lines)
+
+    def stop_extras(self, names_to_keep: Sequence[str] = (), grace_seconds: float = 10.0) -> None:
+        """Stops every spawned process except names_to_keep, newest first."""
+        for record in reversed(self.records):
+            if record.name not in names_to_keep:
+                stop(record, self._popens.get(record.name), grace_seconds=grace_seconds)
