@@ -115,7 +115,7 @@ async def run_removal(
         )
     removal = RemovalRequest(data, model, params.format, composition_of(params))
     deadline = time.monotonic() + service.settings.request_timeout_seconds
-    result = await service.remove(removal, deadline, wait_for_disconnect(request))
+    result = await service.remove(removal, deadline, lambda: wait_for_disconnect(request))
     return image_response(request, result)
 
 
@@ -123,7 +123,7 @@ def composition_of(params: RemoveParams) -> Composition:
     return Composition(
         only_mask=params.only_mask,
         post_process_mask=params.post_process_mask,
-        bgcolor=params.bgcolor,
+        bgcolor=params.rgba,
         alpha_matting=params.alpha_matting,
         alpha_matting_foreground_threshold=params.alpha_matting_foreground_threshold,
         alpha_matting_background_threshold=params.alpha_matting_background_threshold,

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Color = tuple[int, int, int, int]
 
 
-def parse_color(value: object) -> object:
+def parse_color(text: str) -> Color:
     """'r,g,b[,a]' (rembg's bgc form) or '#rrggbb[aa]' -> an RGBA tuple of 0..255 ints."""
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
+    text = text.strip()
     if text.startswith("#"):
         digits = text[1:]
         if len(digits) not in (6, 8):
@@ -33,10 +29,17 @@ def parse_color(value: object) -> object:
         channels.append(255)
     if len(channels) != 4 or not all(0 <= channel <= 255 for channel in channels):
         raise ValueError(f"{text!r} is not 'r,g,b[,a]' with integers 0-255")
-    return tuple(channels)
+    return channels[0], channels[1], channels[2], channels[3]
 
 
-BgColor = Annotated[Color | None, BeforeValidator(parse_color)]
+def _checked_color(value: str | None) -> str | None:
+    if value:
+        parse_color(value)
+    return value or None
+
+
+# Kept as text so FastAPI reads it as one query value; checked here, converted by `rgba`.
+BgColor = Annotated[str | None, AfterValidator(_checked_color)]
 Threshold = Annotated[int, Field(ge=0, le=255)]
 
 
@@ -56,6 +59,10 @@ class RemoveParams(BaseModel):
     alpha_matting_foreground_threshold: Threshold = 240
     alpha_matting_background_threshold: Threshold = 10
     alpha_matting_erode_size: Annotated[int, Field(ge=0, le=255)] = 10
+
+    @property
+    def rgba(self) -> Color | None:
+        return parse_color(self.bgcolor) if self.bgcolor else None
 
 
 class RembgFormParams(BaseModel):

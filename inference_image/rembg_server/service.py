@@ -254,10 +254,10 @@ class RemovalService:
         self,
         request: RemovalRequest,
         deadline: float,
-        disconnected: Awaitable[Any] | None = None,
+        disconnected: Callable[[], Awaitable[Any]] | None = None,
     ) -> RemovalResult:
         """Admission, then decode -> infer -> compose -> encode. Raises RequestRejectedError."""
-        if request.model not in self.models:
+        if request.model not in self.settings.models:
             raise RequestRejectedError(400, self._unknown_model_message(request.model))
         ready, reasons = self.readiness()
         if not ready:
@@ -285,7 +285,7 @@ class RemovalService:
         return result
 
     def _unknown_model_message(self, name: str) -> str:
-        return f"model {name!r} is not loaded here; loaded: {sorted(self.models)}"
+        return f"model {name!r} is not served here; served: {list(self.settings.models)}"
 
     def _probe(self, data: bytes) -> ImageHeader:
         try:
@@ -315,13 +315,13 @@ class RemovalService:
         self.metrics.pending_megapixels.labels(*labels).dec(ticket.megapixels)
 
     async def _run_with_disconnect(
-        self, work: Awaitable[RemovalResult], disconnected: Awaitable[Any] | None
+        self, work: Awaitable[RemovalResult], disconnected: Callable[[], Awaitable[Any]] | None
     ) -> RemovalResult:
         """Run `work`, but cancel it as soon as the client goes away (queued jobs then skip)."""
         task = asyncio.ensure_future(work)
         if disconnected is None:
             return await task
-        watcher = asyncio.ensure_future(disconnected)
+        watcher = asyncio.ensure_future(disconnected())
         try:
             done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
