@@ -1,0 +1,127 @@
+"""Autoscalers per pool: an autoscaling/v2 HPA (default) or a KEDA ScaledObject."""
+
+from __future__ import annotations
+
+from rembg_operator.builders.meta import Manifest, ServiceRef, metadata, pool_labels
+from rembg_operator.builders.plan import PoolPlan
+from rembg_operator.models import AutoscalingSpec, RembgServiceSpec, ScalingRules
+
+
+def quantity(value: float) -> str:
+    """A float as an exact Kubernetes quantity ("4", "2500m")."""
+    milli = round(value * 1000)
+    return str(milli // 1000) if milli % 1000 == 0 else f"{milli}m"
+
+
+def build_behavior(autoscaling: AutoscalingSpec) -> Manifest:
+    return {
+        "scaleUp": _rules(autoscaling.scale_up, select="Max"),
+        # Min: the more conservative of the two policies wins when shrinking.
+        "scaleDown": _rules(autoscaling.scale_down, select="Min"),
+    }
+
+
+def _rules(rules: ScalingRules, *, select: str) -> Manifest:
+    return {
+        "stabilizationWindowSeconds": rules.stabilization_window_seconds,
+        "selectPolicy": select,
+        "policies": [
+            {"type": "Percent", "value": rules.max_percent, "periodSeconds": rules.period_seconds},
+            {"type": "Pods", "value": rules.max_pods, "periodSeconds": rules.period_seconds},
+        ],
+    }
+
+
+def _pods_metric(metric: str, target: float) -> Manifest:
+    return {
+        "type": "Pods",
+        "pods": {
+            "metric": {"name": metric},
+            "target": {"type": "AverageValue", "averageValue": quantity(target)},
+        },
+    }
+
+
+def build_hpa(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Manifest:
+    """HPA on per-pod queue depth (and p95 latency), as served by prometheus-adapter."""
+    autoscaling = spec.autoscaling
+    name = ref.pool_object_name(plan.name)
+    metrics = [_pods_metric(autoscaling.queue_depth_metric, autoscaling.target_queue_depth_per_pod)]
+    if autoscaling.target_latency_p95_seconds is not None:
+        metrics.append(
+            _pods_metric(autoscaling.latency_metric, autoscaling.target_latency_p95_seconds)
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(ref, name, pool_labels(ref, plan.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": max(plan.min_replicas, 1),
+            "maxReplicas": plan.max_replicas,
+            "metrics": metrics,
+            "behavior": build_behavior(autoscaling),
+        },
+    }
+
+
+def pool_series_selector(ref: ServiceRef, pool: str) -> str:
+    """PromQL label matchers of one pool's series (labels set by the ServiceMonitor)."""
+    return f'namespace="{ref.namespace}",rembg_service="{ref.name}",pool="{pool}"'
+
+
+def build_scaled_object(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Manifest:
+    """KEDA ScaledObject with prometheus triggers on the same signals as the HPA."""
+    autoscaling = spec.autoscaling
+    keda = autoscaling.keda
+    name = ref.pool_object_name(plan.name)
+    selector = pool_series_selector(ref, plan.name)
+    triggers: list[Manifest] = [
+        {
+            "type": "prometheus",
+            "name": "queue-depth",
+            # AverageValue: KEDA divides the fleet total by the replica count.
+            "metricType": "AverageValue",
+            "metadata": {
+                "serverAddress": keda.prometheus_address,
+                "query": f"sum(rembg_pending_requests{{{selector}}})",
+                "threshold": quantity(autoscaling.target_queue_depth_per_pod),
+            },
+        }
+    ]
+    if autoscaling.target_latency_p95_seconds is not None:
+        triggers.append(
+            {
+                "type": "prometheus",
+                "name": "latency-p95",
+                # Value: a latency does not shrink by dividing it across replicas.
+                "metricType": "Value",
+                "metadata": {
+                    "serverAddress": keda.prometheus_address,
+                    "query": (
+                        "histogram_quantile(0.95, sum by (le) "
+                        f"(rate(rembg_request_duration_seconds_bucket{{{selector}}}[2m])))"
+                    ),
+                    "threshold": quantity(autoscaling.target_latency_p95_seconds),
+                },
+            }
+        )
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": metadata(ref, name, pool_labels(ref, plan.name)),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicaCount": plan.min_replicas,
+            "maxReplicaCount": plan.max_replicas,
+            "pollingInterval": keda.polling_interval_seconds,
+            "cooldownPeriod": keda.cooldown_period_seconds,
+            "advanced": {
+                "horizontalPodAutoscalerConfig": {
+                    "name": f"keda-{name}",
+                    "behavior": build_behavior(autoscaling),
+                }
+            },
+            "triggers": triggers,
+        },
+    }

@@ -1,0 +1,521 @@
+"""The reconcile pipeline and the little state it keeps between events.
+
+parse -> build_children (pure) -> kopf.adopt -> server-side apply (kube) -> prune -> status.
+
+Two kinds of work per RembgService, serialised by a per-service lock:
+- full: apply every child, prune what is no longer wanted, write status;
+- status: recompute status from the Deployments last seen (no child writes).
+
+Child watch events decide which is needed by comparing the child's "essence" (everything
+but status and server-managed metadata) with what the operator's own last apply returned:
+equal means a status-only change (pods becoming ready), different means someone edited the
+child (drift) or deleted it, and a full reconcile puts it back. This keeps a fleet of
+hundreds of services from re-applying every child on every pod readiness change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+import kopf
+from pydantic import ValidationError
+
+from rembg_operator import metrics
+from rembg_operator.builders import Capabilities, ServiceRef, build_children
+from rembg_operator.builders.children import Skipped
+from rembg_operator.builders.meta import SERVICE_LABEL
+from rembg_operator.config import OperatorConfig
+from rembg_operator.kube import ApiError, KubeClient
+from rembg_operator.models import RembgServiceSpec, semantic_problems
+from rembg_operator.status import Observation, PoolObservation, build_status, now_utc, same_status
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name) of a RembgService
+ChildKey = tuple[str, str, str]  # (kind, namespace, name)
+
+OPTIONAL_GROUPS = {
+    "monitoring.coreos.com/v1": ("servicemonitors", "prometheusrules"),
+    "keda.sh/v1alpha1": ("scaledobjects",),
+}
+# Annotations controllers write on our children; they are not drift.
+CONTROLLER_ANNOTATIONS = frozenset({"deployment.kubernetes.io/revision"})
+RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class ReconcileError(Exception):
+    """Some children could not be applied; the status says which, a retry follows."""
+
+
+def essence(body: Mapping[str, Any]) -> str:
+    """A digest of what a child should look like: no status, no server bookkeeping."""
+    meta = body.get("metadata") or {}
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k not in CONTROLLER_ANNOTATIONS
+    }
+    relevant = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+    relevant["@labels"] = meta.get("labels") or {}
+    relevant["@annotations"] = annotations
+    relevant["@owners"] = meta.get("ownerReferences") or []
+    encoded = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def child_key(body: Mapping[str, Any]) -> ChildKey:
+    meta = body["metadata"]
+    return (str(body.get("kind")), str(meta.get("namespace")), str(meta["name"]))
+
+
+def _slim_deployment(body: Mapping[str, Any]) -> dict[str, Any]:
+    # Only what status needs: a few hundred bytes per Deployment, not the full object.
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {"generation": meta.get("generation")},
+        "spec": {"replicas": (body.get("spec") or {}).get("replicas", 1)},
+        "status": body.get("status") or {},
+    }
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the last full reconcile learnt; status-only refreshes reuse it."""
+
+    generation: int
+    endpoint: str
+    models: tuple[str, ...] = ()
+    pools: tuple[tuple[str, str, bool], ...] = ()  # (pool, deployment name, required)
+    spec_problems: tuple[str, ...] = ()
+    apply_errors: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    monitoring_enabled: bool = True
+    autoscaling_enabled: bool = True
+    has_gpu_pool: bool = False
+    gpu_capacity: int | None = None
+    gpu_fallback_active: bool = False
+    inventory: tuple[tuple[str, str, str], ...] = ()  # (apiVersion, kind, name)
+
+
+@dataclass
+class _Pending:
+    full: bool = False
+    status: bool = False
+    running_full: bool = False
+    task: asyncio.Task[None] | None = None
+    deferred: dict[ChildKey, str | None] = field(default_factory=dict)
+    failures: int = 0
+
+
+class Fleet:
+    """Every RembgService this operator manages, and the work queued for each."""
+
+    def __init__(self, client: KubeClient, config: OperatorConfig) -> None:
+        self.client = client
+        self.config = config
+        self.owners: dict[Key, dict[str, Any]] = {}
+        self.records: dict[Key, Record] = {}
+        self.statuses: dict[Key, dict[str, Any]] = {}
+        self.essences: dict[ChildKey, str] = {}
+        self.deployments: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events_posted: dict[tuple[Key, str], str] = {}
+        self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._pending: dict[Key, _Pending] = {}
+        self._slots = asyncio.Semaphore(config.max_concurrent_reconciles)
+        self._last_gpu_capacity: int | None = None
+
+    # -- the parent ------------------------------------------------------------------------
+
+    def remember(self, body: Mapping[str, Any]) -> Key:
+        meta = body["metadata"]
+        key = (str(meta["namespace"]), str(meta["name"]))
+        self.owners[key] = {
+            "apiVersion": body["apiVersion"],
+            "kind": body["kind"],
+            "metadata": {
+                k: meta.get(k)
+                for k in ("name", "namespace", "uid", "generation", "labels", "resourceVersion")
+            },
+            "spec": dict(body.get("spec") or {}),
+        }
+        self.statuses[key] = dict(body.get("status") or {})
+        metrics.MANAGED_SERVICES.set(len(self.owners))
+        return key
+
+    def forget(self, key: Key) -> None:
+        self.owners.pop(key, None)
+        self.records.pop(key, None)
+        self.statuses.pop(key, None)
+        for child in [c for c in self.essences if c[1] == key[0] and _belongs(c[2], key[1])]:
+            self.essences.pop(child, None)
+        for event_key in [k for k in self.events_posted if k[0] == key]:
+            self.events_posted.pop(event_key, None)
+        metrics.MANAGED_SERVICES.set(len(self.owners))
+
+    async def reconcile(self, key: Key) -> None:
+        """A full reconcile now (handlers await it; errors propagate for kopf's retries)."""
+        async with self._locks[key]:
+            await self._full(key)
+
+    # -- children events -------------------------------------------------------------------
+
+    def on_child_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata") or {}
+        service = (meta.get("labels") or {}).get(SERVICE_LABEL)
+        key = (str(meta.get("namespace")), str(service))
+        if key not in self.owners:
+            return
+        ck = child_key(body)
+        deleted = event_type == "DELETED"
+        if ck[0] == "Deployment":
+            if deleted:
+                self.deployments.pop((ck[1], ck[2]), None)
+            else:
+                self.deployments[(ck[1], ck[2])] = _slim_deployment(body)
+        seen = None if deleted else essence(body)
+        pending = self._pending.get(key)
+        if pending is not None and pending.running_full:
+            # Our own apply may not have returned yet: judge once it has.
+            pending.deferred[ck] = seen
+            return
+        self.request(key, full=self._needs_full(ck, seen))
+
+    def _needs_full(self, ck: ChildKey, seen: str | None) -> bool:
+        known = self.essences.get(ck)
+        if seen is None:
+            # Deleted: repair unless we pruned it ourselves (then we forgot it already).
+            return known is not None
+        return known != seen
+
+    # -- background work -------------------------------------------------------------------
+
+    def request(self, key: Key, *, full: bool) -> None:
+        pending = self._pending.setdefault(key, _Pending())
+        if full:
+            pending.full = True
+        else:
+            pending.status = True
+        if pending.task is None or pending.task.done():
+            pending.task = asyncio.create_task(self._work(key, pending), name=f"rembg:{key}")
+
+    async def _work(self, key: Key, pending: _Pending) -> None:
+        while (pending.full or pending.status) and key in self.owners:
+            full = pending.full
+            pending.full = pending.status = False
+            try:
+                async with self._locks[key]:
+                    if full:
+                        await self._full(key)
+                    else:
+                        await self._refresh_status(key)
+                pending.failures = 0
+            except Exception as error:  # retried with backoff, logged
+                delay = RETRY_DELAYS[min(pending.failures, len(RETRY_DELAYS) - 1)]
+                pending.failures += 1
+                log.warning("reconcile of %s/%s failed (retry in %ss): %s", *key, delay, error)
+                asyncio.get_running_loop().call_later(delay, self._retry, key)
+        if key not in self.owners:
+            self._pending.pop(key, None)
+
+    def _retry(self, key: Key) -> None:
+        if key in self.owners:
+            self.request(key, full=True)
+
+    async def resync_forever(self) -> None:
+        """Safety net: re-apply every service now and then, spread over the interval."""
+        while True:
+            keys = list(self.owners)
+            gap = self.config.resync_seconds / max(len(keys), 1)
+            for key in keys:
+                await asyncio.sleep(gap)
+                if key in self.owners:
+                    self.request(key, full=True)
+            if not keys:
+                await asyncio.sleep(self.config.resync_seconds)
+
+    # -- the pipeline ----------------------------------------------------------------------
+
+    async def _full(self, key: Key) -> None:
+        owner = self.owners.get(key)
+        if owner is None:
+            return
+        pending = self._pending.setdefault(key, _Pending())
+        pending.running_full = True
+        started = time.perf_counter()
+        try:
+            async with self._slots:
+                result = await self._apply_owner(key, owner)
+            metrics.RECONCILES.labels(kind="full", result=result).inc()
+        except Exception as error:
+            metrics.RECONCILES.labels(kind="full", result="error").inc()
+            metrics.RECONCILE_ERRORS.labels(reason=type(error).__name__).inc()
+            raise
+        finally:
+            metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
+            pending.running_full = False
+            self._judge_deferred(pending)
+
+    def _judge_deferred(self, pending: _Pending) -> None:
+        for ck, seen in pending.deferred.items():
+            if self._needs_full(ck, seen):
+                pending.full = True
+            else:
+                pending.status = True
+        pending.deferred.clear()
+
+    async def _apply_owner(self, key: Key, owner: dict[str, Any]) -> str:
+        ref = ServiceRef(name=key[1], namespace=key[0])
+        generation = int(owner["metadata"].get("generation") or 0)
+        spec, problems = parse_spec(owner.get("spec") or {})
+        if spec is None or problems:
+            await self._report_invalid(key, owner, ref, generation, problems)
+            return "invalid"
+        capabilities = await self._capabilities(key, spec)
+        desired = build_children(ref, spec, capabilities)
+        kopf.adopt(desired.manifests, owner=kopf.Body(cast("kopf.RawBody", owner)))
+        outcomes = await asyncio.gather(
+            *(self._apply_one(m) for m in desired.manifests), return_exceptions=True
+        )
+        errors: list[str] = []
+        skipped = list(desired.skipped)
+        inventory: list[tuple[str, str, str]] = []
+        for manifest, outcome in zip(desired.manifests, outcomes, strict=True):
+            kind, name = manifest["kind"], manifest["metadata"]["name"]
+            if isinstance(outcome, ApiError):
+                errors.extend(self._apply_error(manifest, outcome, skipped))
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                inventory.append((manifest["apiVersion"], kind, name))
+        errors.extend(await self._prune(key, ref, inventory))
+        fallback_active = (
+            capabilities.gpu_capacity == 0 and spec.fallback.cpu_pool_when_no_gpu_nodes
+        )
+        self.records[key] = Record(
+            generation=generation,
+            endpoint=ref.endpoint,
+            models=tuple(spec.models),
+            pools=tuple(
+                (
+                    plan.name,
+                    ref.pool_object_name(plan.name),
+                    not (plan.is_gpu and fallback_active),
+                )
+                for plan in desired.plans
+            ),
+            apply_errors=tuple(errors),
+            skipped=tuple(skipped),
+            monitoring_enabled=spec.monitoring.enabled,
+            autoscaling_enabled=spec.autoscaling.enabled,
+            has_gpu_pool=spec.gpu is not None,
+            gpu_capacity=capabilities.gpu_capacity,
+            gpu_fallback_active=fallback_active and spec.gpu is not None,
+            inventory=tuple(inventory),
+        )
+        await self._refresh_status(key)
+        await self._post_outcome_events(
+            key=key,
+            owner=owner,
+            generation=generation,
+            errors=errors,
+            capabilities=capabilities,
+            spec=spec,
+        )
+        if errors:
+            raise ReconcileError("; ".join(errors))
+        return "ok"
+
+    async def _apply_one(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        stored = await self.client.apply(manifest)
+        self.essences[child_key(stored)] = essence(stored)
+        if stored.get("kind") == "Deployment":
+            meta = stored["metadata"]
+            self.deployments[(meta["namespace"], meta["name"])] = _slim_deployment(stored)
+        return stored
+
+    def _apply_error(
+        self, manifest: Mapping[str, Any], error: ApiError, skipped: list[Skipped]
+    ) -> list[str]:
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        group_version = manifest["apiVersion"]
+        if error.not_found and group_version in OPTIONAL_GROUPS:
+            # The CRD went away since discovery: report it like a missing CRD, refresh later.
+            self.client.forget_cached(f"serves:{group_version}")
+            reason = "CrdMissing" if "monitoring" in group_version else "KedaNotInstalled"
+            skipped.append(Skipped(kind, name, reason, f"{group_version} is not served"))
+            return []
+        return [f"{kind} {name}: {error.message}"]
+
+    async def _prune(
+        self, key: Key, ref: ServiceRef, inventory: list[tuple[str, str, str]]
+    ) -> list[str]:
+        """Delete children that an earlier reconcile applied and this one did not."""
+        previous = self.statuses.get(key, {}).get("inventory") or []
+        wanted = set(inventory)
+        errors: list[str] = []
+        for item in previous:
+            entry = (item.get("apiVersion", ""), item.get("kind", ""), item.get("name", ""))
+            if entry in wanted or not _belongs(entry[2], ref.name):
+                continue
+            self.essences.pop((entry[1], ref.namespace, entry[2]), None)
+            try:
+                await self.client.delete(entry[0], entry[1], ref.namespace, entry[2])
+            except ApiError as error:
+                if error.status != 404:
+                    errors.append(f"delete {entry[1]} {entry[2]}: {error.message}")
+            except KeyError:
+                continue  # a kind this operator version does not know
+        return errors
+
+    async def _capabilities(self, key: Key, spec: RembgServiceSpec) -> Capabilities:
+        ttl = self.config.discovery_ttl_seconds
+        monitoring = spec.monitoring.enabled and await self.client.serves(
+            "monitoring.coreos.com/v1", OPTIONAL_GROUPS["monitoring.coreos.com/v1"], ttl
+        )
+        keda = spec.autoscaling.engine == "keda" and await self.client.serves(
+            "keda.sh/v1alpha1", OPTIONAL_GROUPS["keda.sh/v1alpha1"], ttl
+        )
+        capacity = None
+        if spec.gpu is not None:
+            capacity = await self.client.gpu_capacity(self.config.gpu_capacity_ttl_seconds)
+            self._notice_capacity(key, capacity)
+        return Capabilities(prometheus_operator=monitoring, keda=keda, gpu_capacity=capacity)
+
+    def _notice_capacity(self, key: Key, capacity: int | None) -> None:
+        """GPU nodes came or went: services with a GPU pool need a fresh look."""
+        if capacity == self._last_gpu_capacity:
+            return
+        first = self._last_gpu_capacity is None
+        self._last_gpu_capacity = capacity
+        if first:
+            return
+        for other, record in list(self.records.items()):
+            if other != key and record.has_gpu_pool and record.gpu_capacity != capacity:
+                self.request(other, full=True)
+
+    async def _report_invalid(
+        self,
+        key: Key,
+        owner: dict[str, Any],
+        ref: ServiceRef,
+        generation: int,
+        problems: list[str],
+    ) -> None:
+        previous = self.records.get(key) or Record(generation=generation, endpoint=ref.endpoint)
+        if not previous.pools:
+            previous = replace(previous, pools=_pools_from_status(self.statuses.get(key), ref))
+        self.records[key] = replace(
+            previous, generation=generation, spec_problems=tuple(problems), apply_errors=()
+        )
+        metrics.INVALID_SPECS.set(sum(1 for r in self.records.values() if r.spec_problems))
+        await self._refresh_status(key)
+        await self._event_once(key, owner, "InvalidSpec", "; ".join(problems), warning=True)
+
+    async def _refresh_status(self, key: Key) -> None:
+        record = self.records.get(key)
+        if record is None:
+            self.request(key, full=True)
+            return
+        pools = [
+            PoolObservation.from_deployment(
+                pool, self.deployments.get((key[0], deployment)), required=required
+            )
+            for pool, deployment, required in record.pools
+        ]
+        observation = Observation(
+            generation=record.generation,
+            endpoint=record.endpoint,
+            models=record.models,
+            pools=pools,
+            spec_problems=record.spec_problems,
+            apply_errors=record.apply_errors,
+            skipped=record.skipped,
+            monitoring_enabled=record.monitoring_enabled,
+            autoscaling_enabled=record.autoscaling_enabled,
+            has_gpu_pool=record.has_gpu_pool,
+            gpu_capacity=record.gpu_capacity,
+            gpu_fallback_active=record.gpu_fallback_active,
+            inventory=[{"apiVersion": a, "kind": k, "name": n} for a, k, n in record.inventory],
+        )
+        previous = self.statuses.get(key)
+        status = build_status(observation, previous, now_utc())
+        if same_status(previous, status):
+            metrics.RECONCILES.labels(kind="status", result="unchanged").inc()
+            return
+        await self.client.patch_status(key[0], key[1], merge_patch(previous, status))
+        self.statuses[key] = status
+        metrics.RECONCILES.labels(kind="status", result="written").inc()
+
+    async def _post_outcome_events(
+        self,
+        *,
+        key: Key,
+        owner: dict[str, Any],
+        generation: int,
+        errors: list[str],
+        capabilities: Capabilities,
+        spec: RembgServiceSpec,
+    ) -> None:
+        if errors:
+            await self._event_once(key, owner, "ApplyFailed", "; ".join(errors), warning=True)
+            return
+        if spec.gpu is not None and capabilities.gpu_capacity == 0:
+            await self._event_once(
+                key,
+                owner,
+                "NoGpuCapacity",
+                "no node has allocatable nvidia.com/gpu; the GPU pool's pods stay Pending",
+                warning=True,
+            )
+        await self._event_once(
+            key, owner, "Applied", f"generation {generation} applied", warning=False
+        )
+
+    async def _event_once(
+        self, key: Key, owner: Mapping[str, Any], reason: str, message: str, *, warning: bool
+    ) -> None:
+        """Post an Event unless the same reason and message was posted for this service."""
+        if self.events_posted.get((key, reason)) == message:
+            return
+        self.events_posted[(key, reason)] = message
+        with contextlib.suppress(ApiError):
+            # An Event is best effort: failing to post it must not fail the reconcile.
+            await self.client.post_event(owner, warning=warning, reason=reason, message=message)
+
+
+def parse_spec(raw: Mapping[str, Any]) -> tuple[RembgServiceSpec | None, list[str]]:
+    """The spec once, typed; problems the schema cannot catch as messages."""
+    try:
+        spec = RembgServiceSpec.model_validate(raw)
+    except ValidationError as error:
+        return None, [
+            f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in error.errors()
+        ]
+    return spec, semantic_problems(spec)
+
+
+def merge_patch(previous: Mapping[str, Any] | None, status: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch that also removes keys the new status no longer has."""
+    patch: dict[str, Any] = {k: None for k in (previous or {}) if k not in status}
+    patch.update(status)
+    old_pools = (previous or {}).get("pools") or {}
+    patch["pools"] = {**{p: None for p in old_pools if p not in status["pools"]}, **status["pools"]}
+    return patch
+
+
+def _belongs(child_name: str, service: str) -> bool:
+    return child_name == service or child_name.startswith(f"{service}-")
+
+
+def _pools_from_status(
+    status: Mapping[str, Any] | None, ref: ServiceRef
+) -> tuple[tuple[str, str, bool], ...]:
+    pools = (status or {}).get("pools") or {}
+    return tuple((pool, ref.pool_object_name(pool), True) for pool in sorted(pools))

@@ -1,0 +1,74 @@
+"""Operator start-up and shut-down: kopf settings, the API client, the Fleet, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+
+from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
+from rembg_operator.config import OperatorConfig
+from rembg_operator.fleet import Fleet
+from rembg_operator.kube import KubeClient
+from rembg_operator.models import API_GROUP
+
+log = logging.getLogger(__name__)
+
+
+def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    watching = settings.watching
+    # kopf's known failure: a watch stream that silently stops delivering events. Bounded
+    # server and client timeouts make every stream reconnect, and the inactivity timeout
+    # restarts one that goes quiet in between.
+    watching.server_timeout = config.watch_server_timeout_seconds
+    watching.client_timeout = config.watch_client_timeout_seconds
+    watching.connect_timeout = 30
+    watching.inactivity_timeout = config.watch_inactivity_timeout_seconds
+    # Keep kopf's bookkeeping in annotations: the CRD's structural schema would prune
+    # status.kopf, and nothing of it belongs in our status.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=API_GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # the Fleet posts the Events users need itself
+    settings.networking.request_timeout = 60
+    settings.peering.standalone = True
+    settings.batching.batch_window = 0.05
+
+
+def filter_children(settings: kopf.OperatorSettings, resources: Any) -> None:
+    """Server-side label selectors: only our children travel over the watch streams."""
+    for group, _version, plural in resources:
+        settings.watching.label_selectors[group or "v1", plural] = (
+            f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+        )
+
+
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, resources: Any) -> None:
+    config = OperatorConfig()
+    configure_kopf(settings, config)
+    filter_children(settings, resources)
+    client = await KubeClient.connect(config.kubeconfig)
+    fleet = Fleet(client, config)
+    memo.config = config
+    memo.client = client
+    memo.fleet = fleet
+    memo.resync = asyncio.create_task(fleet.resync_forever(), name="rembg:resync")
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.bind_address)
+        log.info("metrics on %s:%d/metrics", config.bind_address, config.metrics_port)
+
+
+async def stop(memo: kopf.Memo) -> None:
+    task = getattr(memo, "resync", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    client = getattr(memo, "client", None)
+    if client is not None:
+        await client.close()

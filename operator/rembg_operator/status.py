@@ -1,0 +1,300 @@
+"""Status from what was observed: conditions kstatus, Argo CD and `kubectl wait` understand.
+
+Pure: callers hand in the observation and the previous conditions (to keep
+lastTransitionTime when a condition's status does not change) and the current time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rembg_operator.builders.children import Skipped
+from rembg_operator.models import GPU_RESOURCE
+
+Condition = dict[str, Any]
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
+MONITORING = "MonitoringAvailable"
+AUTOSCALING = "AutoscalingAvailable"
+GPU_CAPACITY = "GpuCapacityAvailable"
+
+
+@dataclass(frozen=True)
+class PoolObservation:
+    """One pool's Deployment as last seen (absent: exists=False)."""
+
+    pool: str
+    exists: bool = False
+    generation: int = 0
+    observed_generation: int = 0
+    desired: int = 0
+    ready: int = 0
+    updated: int = 0
+    available: int = 0
+    deadline_exceeded: bool = False
+    # False when the pool is not needed for Ready (a GPU pool covered by the CPU fallback).
+    required: bool = True
+
+    @classmethod
+    def from_deployment(
+        cls, pool: str, deployment: Mapping[str, Any] | None, *, required: bool = True
+    ) -> PoolObservation:
+        if deployment is None:
+            return cls(pool=pool, required=required)
+        status = deployment.get("status") or {}
+        spec = deployment.get("spec") or {}
+        conditions = status.get("conditions") or []
+        deadline = any(
+            c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+            for c in conditions
+        )
+        return cls(
+            pool=pool,
+            exists=True,
+            generation=int(deployment.get("metadata", {}).get("generation") or 0),
+            observed_generation=int(status.get("observedGeneration") or 0),
+            desired=int(spec.get("replicas", 1)),
+            ready=int(status.get("readyReplicas") or 0),
+            updated=int(status.get("updatedReplicas") or 0),
+            available=int(status.get("availableReplicas") or 0),
+            deadline_exceeded=deadline,
+            required=required,
+        )
+
+    @property
+    def rolled_out(self) -> bool:
+        """The controller saw the newest spec and every replica runs it, available."""
+        return (
+            self.exists
+            and self.observed_generation >= self.generation
+            and self.updated >= self.desired
+            and self.available >= self.desired
+            and self.ready >= self.desired
+        )
+
+    def as_status(self) -> dict[str, int]:
+        return {
+            "desiredReplicas": self.desired,
+            "readyReplicas": self.ready,
+            "updatedReplicas": self.updated,
+            "availableReplicas": self.available,
+        }
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the status is computed from."""
+
+    generation: int
+    endpoint: str
+    models: Sequence[str] = ()
+    pools: Sequence[PoolObservation] = ()
+    spec_problems: Sequence[str] = ()
+    apply_errors: Sequence[str] = ()
+    skipped: Sequence[Skipped] = ()
+    monitoring_enabled: bool = True
+    autoscaling_enabled: bool = True
+    has_gpu_pool: bool = False
+    gpu_capacity: int | None = None
+    gpu_fallback_active: bool = False
+    inventory: Sequence[Mapping[str, str]] = field(default_factory=list)
+
+
+def now_utc() -> datetime:
+    return datetime.now(tz=UTC)
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions_from(
+    observed: Observation, previous: Sequence[Mapping[str, Any]], now: datetime
+) -> list[Condition]:
+    """All conditions, each with reason, message and observedGeneration."""
+    raw = [
+        *_lifecycle_conditions(observed),
+        _monitoring_condition(observed),
+        _autoscaling_condition(observed),
+    ]
+    if observed.has_gpu_pool:
+        raw.append(_gpu_condition(observed))
+    return [_stamp(c, observed.generation, previous, now) for c in raw]
+
+
+def _condition(kind: str, value: bool | None, reason: str, message: str) -> Condition:
+    status = "Unknown" if value is None else ("True" if value else "False")
+    return {"type": kind, "status": status, "reason": reason, "message": message}
+
+
+def _stamp(
+    condition: Condition, generation: int, previous: Sequence[Mapping[str, Any]], now: datetime
+) -> Condition:
+    before = next((c for c in previous if c.get("type") == condition["type"]), None)
+    unchanged = before is not None and before.get("status") == condition["status"]
+    transition = before.get("lastTransitionTime") if unchanged and before else None
+    return {
+        **condition,
+        "observedGeneration": generation,
+        "lastTransitionTime": transition or _timestamp(now),
+    }
+
+
+def _lifecycle_conditions(observed: Observation) -> list[Condition]:
+    """Ready, Progressing, Degraded, Reconciling, Stalled: one consistent story."""
+    if observed.spec_problems:
+        message = "spec not applied, previous children kept: " + "; ".join(observed.spec_problems)
+        return [
+            _condition(READY, False, "InvalidSpec", message),
+            _condition(PROGRESSING, False, "InvalidSpec", message),
+            _condition(DEGRADED, True, "InvalidSpec", message),
+            _condition(RECONCILING, False, "InvalidSpec", message),
+            _condition(STALLED, True, "InvalidSpec", message),
+        ]
+    if observed.apply_errors:
+        message = "; ".join(observed.apply_errors)
+        return [
+            _condition(READY, False, "ApplyFailed", message),
+            _condition(PROGRESSING, True, "ApplyFailed", "retrying: " + message),
+            _condition(DEGRADED, True, "ApplyFailed", message),
+            _condition(RECONCILING, True, "ApplyFailed", "retrying: " + message),
+            _condition(STALLED, False, "ApplyFailed", "the operator retries"),
+        ]
+    return _rollout_conditions(observed)
+
+
+def _rollout_conditions(observed: Observation) -> list[Condition]:
+    required = [p for p in observed.pools if p.required]
+    stalled = [p for p in observed.pools if p.deadline_exceeded and not p.rolled_out]
+    pending = [p for p in required if not p.rolled_out]
+    replicas = ", ".join(f"{p.pool} {p.ready}/{p.desired} ready" for p in observed.pools)
+    ready = not pending and not stalled
+    if ready:
+        ready_cond = _condition(READY, True, "AllPoolsReady", f"{replicas}; {observed.endpoint}")
+        progressing = _condition(PROGRESSING, False, "RolloutComplete", replicas)
+        reconciling = _condition(RECONCILING, False, "RolloutComplete", replicas)
+    else:
+        waiting = ", ".join(p.pool for p in pending) or ", ".join(p.pool for p in stalled)
+        ready_cond = _condition(
+            READY, False, "RolloutInProgress", f"waiting for {waiting}: {replicas}"
+        )
+        progressing = _condition(PROGRESSING, True, "RolloutInProgress", replicas)
+        reconciling = _condition(RECONCILING, True, "RolloutInProgress", replicas)
+    degraded = _degraded(observed, stalled)
+    if stalled:
+        names = ", ".join(p.pool for p in stalled)
+        message = f"rollout of pool(s) {names} exceeded its progress deadline"
+        stalled_cond = _condition(STALLED, True, "ProgressDeadlineExceeded", message)
+        progressing = _condition(PROGRESSING, False, "ProgressDeadlineExceeded", message)
+        reconciling = _condition(RECONCILING, False, "ProgressDeadlineExceeded", message)
+    else:
+        stalled_cond = _condition(STALLED, False, "NotStalled", "the spec is realisable")
+    return [ready_cond, progressing, degraded, reconciling, stalled_cond]
+
+
+def _degraded(observed: Observation, stalled: Sequence[PoolObservation]) -> Condition:
+    if observed.has_gpu_pool and observed.gpu_capacity == 0:
+        message = _no_gpu_message(observed)
+        return _condition(DEGRADED, True, "NoGpuCapacity", message)
+    if stalled:
+        names = ", ".join(p.pool for p in stalled)
+        return _condition(DEGRADED, True, "ProgressDeadlineExceeded", f"pool(s) {names} stalled")
+    return _condition(DEGRADED, False, "AsExpected", "no known problem")
+
+
+def _no_gpu_message(observed: Observation) -> str:
+    message = (
+        f"no node has allocatable {GPU_RESOURCE}: the GPU pool's pods stay Pending "
+        "(install the NVIDIA device plugin or add GPU nodes)"
+    )
+    if observed.gpu_fallback_active:
+        message += "; the CPU pool carries the GPU pool's minimum (fallback policy)"
+    return message
+
+
+def _monitoring_condition(observed: Observation) -> Condition:
+    if not observed.monitoring_enabled:
+        return _condition(MONITORING, False, "Disabled", "spec.monitoring.enabled is false")
+    missing = [s for s in observed.skipped if s.reason == "CrdMissing"]
+    if missing:
+        kinds = ", ".join(sorted({s.kind for s in missing}))
+        return _condition(
+            MONITORING,
+            False,
+            "CrdMissing",
+            f"{kinds} not created: monitoring.coreos.com/v1 is not served by this cluster",
+        )
+    return _condition(MONITORING, True, "Created", "ServiceMonitor and PrometheusRule applied")
+
+
+def _autoscaling_condition(observed: Observation) -> Condition:
+    if not observed.autoscaling_enabled:
+        return _condition(AUTOSCALING, False, "Disabled", "pools run at a fixed replica count")
+    missing = [s for s in observed.skipped if s.reason == "KedaNotInstalled"]
+    if missing:
+        return _condition(AUTOSCALING, False, "KedaNotInstalled", missing[0].message)
+    return _condition(AUTOSCALING, True, "Created", "an autoscaler per pool")
+
+
+def _gpu_condition(observed: Observation) -> Condition:
+    if observed.gpu_capacity is None:
+        return _condition(GPU_CAPACITY, None, "Unknown", "nodes could not be read")
+    if observed.gpu_capacity == 0:
+        return _condition(GPU_CAPACITY, False, "NoGpuNodes", _no_gpu_message(observed))
+    return _condition(
+        GPU_CAPACITY,
+        True,
+        "GpuNodesFound",
+        f"{observed.gpu_capacity} allocatable {GPU_RESOURCE} in the cluster",
+    )
+
+
+def build_status(
+    observed: Observation, previous: Mapping[str, Any] | None, now: datetime
+) -> dict[str, Any]:
+    """The whole .status; previous is the current .status (for transition times)."""
+    previous_conditions = (previous or {}).get("conditions") or []
+    pools = {p.pool: p.as_status() for p in observed.pools}
+    status: dict[str, Any] = {
+        "observedGeneration": observed.generation,
+        "conditions": conditions_from(observed, previous_conditions, now),
+        "pools": pools,
+        "gpuReplicas": _ratio(pools.get("gpu")),
+        "cpuReplicas": _ratio(pools.get("cpu")),
+        "model": ",".join(observed.models),
+        "endpoint": observed.endpoint,
+        "unavailableChildren": [s.as_status() for s in observed.skipped],
+        "inventory": [dict(i) for i in observed.inventory],
+    }
+    if observed.gpu_capacity is not None:
+        status["gpuCapacity"] = observed.gpu_capacity
+    return status
+
+
+def _ratio(pool: Mapping[str, int] | None) -> str:
+    if pool is None:
+        return "-"
+    return f"{pool['readyReplicas']}/{pool['desiredReplicas']}"
+
+
+def same_status(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Equal apart from lastTransitionTime (which _stamp keeps for unchanged conditions)."""
+    return _without_times(a) == _without_times(b)
+
+
+def _without_times(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not status:
+        return {}
+    out = dict(status)
+    out["conditions"] = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"}
+        for c in status.get("conditions") or []
+    ]
+    return out
