@@ -79,15 +79,9 @@ class BatchWorker:
         self._queue.put_nowait(job)
         return job
 
-    def _run_blocking(self, function: Callable[[], list[Any]]) -> asyncio.Future[list[Any]]:
-        return asyncio.get_running_loop().run_in_executor(self._executor, self._guarded, function)
-
-    def _guarded(self, function: Callable[[], list[Any]]) -> list[Any]:
-        self._heartbeat.enter()
-        try:
-            return function()
-        finally:
-            self._heartbeat.leave()
+    def idle(self) -> bool:
+        """Nothing queued and no model call in flight."""
+        return self._queue.empty() and self._heartbeat.stalled_for() == 0.0
 
     async def _run(self) -> None:
         while True:
@@ -130,13 +124,17 @@ class BatchWorker:
         started = time.monotonic()
         for job in batch:
             job.started_at = started
+        loop = asyncio.get_running_loop()
+        self._heartbeat.enter()
         try:
-            predictions = await self._run_blocking(lambda: self._call_model(batch))
+            predictions = await loop.run_in_executor(self._executor, self._call_model, batch)
         except Exception as error:  # the model failed: every caller gets the error
             for job in batch:
                 if not job.future.done():
                     job.future.set_exception(error)
             return
+        finally:
+            self._heartbeat.leave()
         elapsed = time.monotonic() - started
         self._observe(len(batch), elapsed, [started - job.enqueued_at for job in batch])
         for job, prediction in zip(batch, predictions, strict=True):

@@ -22,7 +22,9 @@ _MIB = 1024 * 1024
 class Settings(BaseSettings):
     """Server settings. Each field maps to REMBG_<FIELD_NAME>; see the README table."""
 
-    model_config = SettingsConfigDict(env_prefix="REMBG_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="REMBG_", extra="ignore", frozen=True, validate_by_name=True
+    )
 
     host: str = "0.0.0.0"  # noqa: S104 - a container listens on all interfaces
     port: int = Field(default=8080, ge=1, le=65535)

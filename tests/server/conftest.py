@@ -15,10 +15,9 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from skimage import data
-
 from rembg_server.app import create_app
 from rembg_server.settings import Settings
+from skimage import data
 
 MODEL_DIR = Path(os.environ.get("U2NET_HOME", "~/.u2net")).expanduser()
 PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea}
@@ -81,7 +80,8 @@ async def client(model_dir: Path) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def app_factory(model_dir: Path) -> Callable[..., Any]:
     def factory(prepare: bool = True, **overrides: Any) -> Any:
-        return running_app(make_settings(model_dir, **overrides), prepare=prepare)
+        directory = overrides.pop("model_dir", model_dir)
+        return running_app(make_settings(directory, **overrides), prepare=prepare)
 
     return factory
 
