@@ -64,11 +64,12 @@ crds: venv ## Regenerate crds/ (and the chart's copy) from the pydantic models
 	$(PY) -m rembg_operator.crdgen --write
 
 HELM = $(REMBG_FLEET_CACHE)/bin/helm-$(shell sed -n 's/^HELM_VERSION=//p' devcluster/versions.env)/helm
+KUBE_VERSION = $(shell sed -n 's/^KUBERNETES_VERSION=//p' devcluster/versions.env)
 chart: venv binaries ## Regenerate the chart's RBAC and argocd-cm snippet, then helm lint --strict + template
 	$(PY) charts/rembg-operator/hack/generate.py
-	$(HELM) lint --strict charts/rembg-operator
-	for v in tests/chart/values/*.yaml; do $(HELM) lint --strict charts/rembg-operator -f $$v; done
-	$(HELM) template rembg-operator charts/rembg-operator --namespace rembg-system >/dev/null
+	$(HELM) lint --strict --kube-version $(KUBE_VERSION) charts/rembg-operator
+	for v in tests/chart/values/*.yaml; do $(HELM) lint --strict --kube-version $(KUBE_VERSION) charts/rembg-operator -f $$v; done
+	$(HELM) template rembg-operator charts/rembg-operator --kube-version $(KUBE_VERSION) --namespace rembg-system >/dev/null
 
 lint: venv ## ruff and import-linter
 	$(PY) -m ruff check .

@@ -20,7 +20,12 @@ import skimage.data
 import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from rembg_devcluster.binaries import BUILD_HINT, locate_binaries
+from rembg_devcluster.binaries import (
+    BUILD_HINT,
+    VERSIONS_FILE,
+    locate_binaries,
+    parse_versions_env,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "rembg-operator"
@@ -40,8 +45,15 @@ def helm() -> Path:
     return path
 
 
+# Offline commands render for the Kubernetes version we test against. (A helm built with
+# `go install` defaults its capabilities to v1.20, below the chart's kubeVersion.)
+KUBE_VERSION = parse_versions_env(VERSIONS_FILE.read_text())["KUBERNETES_VERSION"]
+
+
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Runs helm offline, with its state in a throwaway place (no repositories, no cluster)."""
+    if args and args[0] in ("template", "lint"):
+        args = (*args, "--kube-version", KUBE_VERSION)
     env = {**os.environ, "HELM_CACHE_HOME": "/nonexistent-cache", "KUBECONFIG": "/dev/null"}
     return subprocess.run(
         [str(helm), *args], capture_output=True, text=True, timeout=60, env=env, check=False

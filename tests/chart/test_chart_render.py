@@ -82,7 +82,7 @@ def test_probes_hit_the_liveness_endpoint_the_operator_serves(render: Render) ->
     (container,) = deployment(render(sets=("operator.healthPort=8181",)))["spec"]["template"][
         "spec"
     ]["containers"]
-    assert "--liveness=http://0.0.0.0:8181/healthz" in container["args"]
+    assert "--liveness-port=8181" in container["args"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["health"] == 8181
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
@@ -118,7 +118,7 @@ def test_namespaced_scope_gets_a_role_per_namespace(render: Render) -> None:
     assert "--namespace=team-a" in container["args"]
     assert "--namespace=team-b" in container["args"]
     assert "--all-namespaces" not in container["args"]
-    assert container["args"][-1] == "--verbose"
+    assert container["args"][-1] == "--log-format=json"
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["HTTPS_PROXY"] == "http://proxy.internal:3128"
     (crd,) = find(docs, "CustomResourceDefinition")

@@ -85,3 +85,17 @@ def test_no_wildcards() -> None:
     wanted = operator_rules()
     for group, resource, verb in permissions(wanted["clusterRules"] + wanted["namespacedRules"]):
         assert "*" not in (group, resource, verb)
+
+
+def test_chart_roles_grant_what_the_operators_own_builders_grant(render: Render) -> None:
+    """Cross-check against rbac.py's own ClusterRole/Role builders (used by the operator e2e)."""
+    from rembg_operator import rbac
+
+    (cluster_role,) = [d for d in render() if d["kind"] == "ClusterRole"]
+    assert permissions(cluster_role["rules"]) == permissions(rbac.build_cluster_role()["rules"])
+    role, cluster_part = rbac.build_namespaced_roles()
+    docs = render("namespaced.yaml")
+    chart_role = next(d for d in docs if d["kind"] == "Role")
+    (chart_cluster_part,) = [d for d in docs if d["kind"] == "ClusterRole"]
+    assert permissions(chart_role["rules"]) == permissions(role["rules"])
+    assert permissions(chart_cluster_part["rules"]) == permissions(cluster_part["rules"])

@@ -10,12 +10,12 @@ Usage: python charts/rembg-operator/hack/generate.py [--check]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 CHART = Path(__file__).resolve().parents[1]
 REPO = CHART.parents[1]
@@ -27,18 +27,35 @@ HEALTH_KEY = "resource.customizations.health.rembg.io_RembgService"
 
 def operator_rules() -> dict[str, list[dict[str, Any]]]:
     """The operator's RBAC rules, split into cluster-scoped and namespaced."""
-    from rembg_operator import rbac  # noqa: PLC0415  (the operator is only needed here)
+    return {
+        "clusterRules": [r.as_manifest() for r in _rules() if r.cluster_scoped],
+        "namespacedRules": [r.as_manifest() for r in _rules() if not r.cluster_scoped],
+    }
 
-    return rbac.chart_rules()
+
+def _rules() -> tuple[Any, ...]:
+    from rembg_operator.rbac import RULES  # noqa: PLC0415  (the operator is only needed here)
+
+    return tuple(RULES)
 
 
 def build_rbac_rules() -> str:
-    header = (
-        "# Generated from operator/rembg_operator/rbac.py by `make chart`; do not edit.\n"
-        "# clusterRules: cluster-scoped by nature (always in a ClusterRole).\n"
-        "# namespacedRules: a Role per watched namespace, or the ClusterRole for all namespaces.\n"
-    )
-    return header + yaml.safe_dump(operator_rules(), sort_keys=False, default_flow_style=None)
+    """rules.yaml, each rule under a comment saying why the operator needs it."""
+    lines = [
+        "# Generated from operator/rembg_operator/rbac.py by `make chart`; do not edit.",
+        "# clusterRules: cluster-scoped by nature (always in a ClusterRole).",
+        "# namespacedRules: a Role per watched namespace, or the ClusterRole for all namespaces.",
+    ]
+    for key, cluster_scoped in (("clusterRules", True), ("namespacedRules", False)):
+        lines.append(f"{key}:")
+        for rule in (r for r in _rules() if r.cluster_scoped == cluster_scoped):
+            manifest = rule.as_manifest()
+            if rule.why:
+                lines.append(f"  # {rule.why}")
+            lines.append(f"  - apiGroups: {json.dumps(manifest['apiGroups'])}")
+            lines.append(f"    resources: {json.dumps(manifest['resources'])}")
+            lines.append(f"    verbs: {json.dumps(manifest['verbs'])}")
+    return "\n".join(lines) + "\n"
 
 
 def build_argocd_cm() -> str:

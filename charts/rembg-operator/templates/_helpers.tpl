@@ -68,9 +68,13 @@ ClusterRole when the operator watches all namespaces.
 {{- toYaml $rules }}
 {{- end }}
 
-{{/* The operator's command-line arguments (kopf's own flags, passed through by rembg_operator). */}}
+{{/* The operator's command-line arguments (python -m rembg_operator; flags override its
+REMBG_OPERATOR_* environment). kopf serves /healthz on the liveness port. */}}
 {{- define "rembg-operator.args" -}}
-- --liveness=http://0.0.0.0:{{ .Values.operator.healthPort }}/healthz
+- --liveness-port={{ .Values.operator.healthPort }}
+- --metrics-port={{ .Values.operator.metricsPort }}
+- --log-level={{ .Values.operator.logLevel | upper }}
+- --log-format={{ .Values.operator.logFormat }}
 {{- if .Values.watch.namespaces }}
 {{- range .Values.watch.namespaces }}
 - --namespace={{ . }}
@@ -80,23 +84,5 @@ ClusterRole when the operator watches all namespaces.
 {{- end }}
 {{- range .Values.operator.extraArgs }}
 - {{ . | quote }}
-{{- end }}
-{{- end }}
-
-{{/* The operator's environment: its settings, then the user's extra variables. */}}
-{{- define "rembg-operator.env" -}}
-- name: REMBG_OPERATOR_LOG_LEVEL
-  value: {{ .Values.operator.logLevel | quote }}
-- name: REMBG_OPERATOR_LOG_FORMAT
-  value: {{ .Values.operator.logFormat | quote }}
-- name: REMBG_OPERATOR_METRICS_PORT
-  value: {{ .Values.operator.metricsPort | quote }}
-- name: POD_NAMESPACE
-  valueFrom:
-    fieldRef:
-      fieldPath: metadata.namespace
-{{- range $name, $value := .Values.operator.env }}
-- name: {{ $name }}
-  value: {{ $value | quote }}
 {{- end }}
 {{- end }}
