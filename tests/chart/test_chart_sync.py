@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any
 
 import yaml
+from rembg_operator import rbac
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "rembg-operator"
@@ -89,8 +90,6 @@ def test_no_wildcards() -> None:
 
 def test_chart_roles_grant_what_the_operators_own_builders_grant(render: Render) -> None:
     """Cross-check against rbac.py's own ClusterRole/Role builders (used by the operator e2e)."""
-    from rembg_operator import rbac
-
     (cluster_role,) = [d for d in render() if d["kind"] == "ClusterRole"]
     assert permissions(cluster_role["rules"]) == permissions(rbac.build_cluster_role()["rules"])
     role, cluster_part = rbac.build_namespaced_roles()

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 CHART = Path(__file__).resolve().parents[1]
 REPO = CHART.parents[1]
 RBAC_RULES = CHART / "files" / "rbac" / "rules.yaml"
