@@ -102,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # User-facing output goes through logging so library code and the CLI speak the same way.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    # Only our own logger speaks at INFO; library chatter (httpx requests) stays quiet.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
     try:
         code: int = args.handler(args)
     except DevClusterError as error:

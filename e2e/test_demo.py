@@ -1,0 +1,52 @@
+"""`make run`'s demo, end to end: control plane, CRDs, operator, a real inference server, the
+sample RembgService Ready, and one real photo's background removed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_fleet_and_cuts_out_a_photo(tmp_path: Path) -> None:
+    if os.environ.get("REMBG_E2E_KUBECONFIG"):
+        pytest.skip("the demo starts its own local control plane")
+    state = tmp_path / "demo-cluster"
+    cli = [sys.executable, "-m", "rembg_devcluster", "--dir", str(state)]
+    try:
+        demo = subprocess.run(
+            [*cli, "demo"], cwd=REPO, capture_output=True, text=True, timeout=540, check=False
+        )
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        assert "is Ready" in demo.stdout
+        status = json.loads(
+            subprocess.run(
+                [*cli, "status"], capture_output=True, text=True, timeout=60, check=True
+            ).stdout
+        )
+        assert {"operator", "rembg-server", "kube-apiserver"} <= set(status["processes"])
+    finally:
+        subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=120, check=False)
+    cutout = Image.open(io.BytesIO((state / "astronaut-cutout.png").read_bytes()))
+    assert cutout.mode == "RGBA"
+    alpha = np.asarray(cutout)[..., 3]
+    # A real cutout: the background is gone and the astronaut is kept.
+    assert (alpha == 0).mean() > 0.1
+    assert (alpha == 255).mean() > 0.1
+    after = json.loads((state / "state.json").read_text())
+    for record in after["processes"]:
+        if psutil.pid_exists(record["pid"]):
+            proc = psutil.Process(record["pid"])
+            same = abs(proc.create_time() - record["create_time"]) < 1
+            assert not same or proc.status() == psutil.STATUS_ZOMBIE, record["name"]
