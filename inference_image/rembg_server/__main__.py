@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -16,24 +17,33 @@ from rembg_server.settings import Settings, describe_error
 
 
 class DrainingServer(uvicorn.Server):
-    """On SIGTERM/SIGINT turn unready first, optionally keep serving for `drain_delay` seconds
-    (so endpoints controllers stop routing here), then let uvicorn finish in-flight requests."""
+    """On SIGTERM: turn unready at once, keep serving for `drain_delay` seconds (so endpoint
+    controllers stop routing here), then let uvicorn finish in-flight requests and exit 0.
 
-    def __init__(self, config: uvicorn.Config, drain_delay: float) -> None:
+    uvicorn's own handler re-raises the signal after a graceful shutdown, which makes the exit
+    status -15; a drained server exits cleanly instead.
+    """
+
+    def __init__(
+        self, config: uvicorn.Config, drain_delay: float, on_drain: Callable[[], None]
+    ) -> None:
         super().__init__(config)
         self._drain_delay = drain_delay
+        self._on_drain = on_drain
         self._draining = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        app = self.config.loaded_app if self.config.loaded else None
-        service = getattr(getattr(app, "state", None), "service", None) if app else None
-        if service is not None:
-            service.begin_drain()
-        if self._draining or self._drain_delay <= 0 or sig != signal.SIGTERM:
-            super().handle_exit(sig, frame)
+        self._on_drain()
+        if sig == signal.SIGTERM and self._drain_delay > 0 and not self._draining:
+            self._draining = True
+            asyncio.get_event_loop().call_later(self._drain_delay, self._stop, sig)
             return
-        self._draining = True
-        asyncio.get_event_loop().call_later(self._drain_delay, super().handle_exit, sig, frame)
+        self._stop(sig)
+
+    def _stop(self, sig: int) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop waiting for connections
+        self.should_exit = True
 
 
 def main() -> int:
@@ -44,6 +54,12 @@ def main() -> int:
         return 2
     configure_logging(settings.log_format, settings.log_level)
     app = create_app(settings)
+
+    def drain() -> None:
+        service = getattr(app.state, "service", None)
+        if service is not None:
+            service.begin_drain()
+
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -53,7 +69,7 @@ def main() -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,
         server_header=False,
     )
-    server = DrainingServer(config, settings.drain_delay_seconds)
+    server = DrainingServer(config, settings.drain_delay_seconds, drain)
     server.run()
     return 0
 

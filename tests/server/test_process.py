@@ -1,0 +1,176 @@
+"""The real process: `python -m rembg_server` under uvicorn, signals, sockets and logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def wait_for(condition: Callable[[], bool], attempts: int = 600, what: str = "condition") -> None:
+    """Poll a bounded number of times (not a timing assertion)."""
+    for _ in range(attempts):
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what} never happened")
+
+
+def start_server(model_dir: Path, tmp_path: Path, **env: str) -> ServerProcess:
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    environment = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "U2NET_HOME": str(model_dir),
+        "REMBG_HOST": "127.0.0.1",
+        "REMBG_PORT": str(port),
+        "REMBG_WARMUP_RUNS": "1",
+        "REMBG_LOG_FORMAT": "json",
+        **env,
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rembg_server"], env=environment, stdout=out, stderr=out
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"server exited early:\n{log.read_text()}")
+        try:
+            return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, what="readiness")
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    running = start_server(model_dir, tmp_path_factory.mktemp("server"))
+    yield running
+    running.stop()
+
+
+def post(url: str, data: bytes, **headers: str) -> httpx.Response:
+    return httpx.post(f"{url}/v1/remove", content=data, headers=headers, timeout=120)
+
+
+def test_one_json_log_line_per_request(server: ServerProcess, photos: dict[str, bytes]) -> None:
+    response = post(server.url, photos["chelsea"], **{"X-Request-ID": "log-probe-1"})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "log-probe-1"
+    entries = [json.loads(line) for line in server.log_lines()]  # every line is JSON
+    [entry] = [e for e in entries if e.get("request_id") == "log-probe-1"]
+    assert entry["path"] == "/v1/remove"
+    assert entry["status"] == 200
+    assert entry["model"] == "u2netp"
+    assert (entry["width"], entry["height"]) == (451, 300)
+    assert entry["bytes_in"] == len(photos["chelsea"])
+    assert entry["bytes_out"] == len(response.content)
+    for timing in ("duration_s", "decode_s", "queue_s", "inference_s", "encode_s"):
+        assert entry[timing] >= 0
+
+
+def raw_request_then_hang_up(url: str, body: bytes) -> None:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = (
+            f"POST /v1/remove HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(body)}\r\nX-Request-ID: hang-up\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+    # closed here, before any response
+
+
+def test_a_client_that_hangs_up_while_queued_costs_no_inference(
+    server: ServerProcess, photos: dict[str, bytes]
+) -> None:
+    labels = {"model": "u2netp", "device": "cpu"}
+    batches_before = server.metric("rembg_batch_size_count", **labels)
+    with ThreadPoolExecutor(4) as pool:
+        busy = [pool.submit(post, server.url, photos["astronaut"]) for _ in range(4)]
+        wait_for(
+            lambda: server.metric("rembg_pending_requests", **labels) >= 4,
+            what="4 requests pending",
+        )
+        raw_request_then_hang_up(server.url, photos["coffee"])
+        wait_for(
+            lambda: server.metric("rembg_requests_total", code="499", **labels) == 1,
+            what="the hang-up being noticed",
+        )
+        assert [future.result().status_code for future in busy] == [200] * 4
+    wait_for(lambda: server.metric("rembg_pending_requests", **labels) == 0, what="drain")
+    assert server.metric("rembg_batch_size_count", **labels) == batches_before + 4
+
+
+def test_sigterm_turns_unready_finishes_in_flight_work_and_exits(
+    model_dir: Path, tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    server = start_server(model_dir, tmp_path, REMBG_DRAIN_DELAY_SECONDS="1")
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            in_flight = [pool.submit(post, server.url, photos["astronaut"]) for _ in range(3)]
+            wait_for(
+                lambda: server.metric("rembg_pending_requests", model="u2netp") >= 3,
+                what="3 requests in flight",
+            )
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(
+                lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503,
+                what="readyz turning 503 during the drain delay",
+            )
+            assert [future.result().status_code for future in in_flight] == [200] * 3
+        assert server.process.wait(timeout=60) == 0
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        server.stop()
