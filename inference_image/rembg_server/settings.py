@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
     warmup_runs: int = Field(default=2, ge=0)
     warmup_dir: Path | None = None
-    png_compress_level: int = Field(default=1, ge=0, le=9)
+    png_compress_level: int = Field(
+        default=1, ge=0, le=3, description="ISA-L deflate level of PNG output (0-3)"
+    )
     webp_quality: int = Field(default=90, ge=1, le=100)
     cache_max_bytes: int = Field(default=0, ge=0, description="result cache size; 0 = off")
     alpha_matting_enabled: bool = False

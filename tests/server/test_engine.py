@@ -20,6 +20,7 @@ from PIL import Image
 from rembg.sessions import sessions
 from rembg_server import provision
 from rembg_server.engine import RECIPES, LoadRequest, RecipeModel, load_model, with_dynamic_batch
+from rembg_server.imaging import encode_png
 from rembg_server.settings import Settings, cpu_limit
 
 
@@ -205,3 +206,19 @@ def test_dynamic_batch_keeps_the_graph_valid(model_dir: Path) -> None:
     model = onnx.load_from_string(with_dynamic_batch((model_dir / "u2netp.onnx").read_bytes()))
     onnx.checker.check_model(model)
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+@pytest.mark.parametrize("level", [0, 1, 3])
+def test_png_encoder_round_trips_losslessly(
+    mode: str, level: int, photos: dict[str, bytes]
+) -> None:
+    image = Image.open(io.BytesIO(photos["coffee"])).convert("RGBA")
+    pixels = np.asarray(image).copy()
+    pixels[::3, :, 3] = 0  # some transparency
+    source = Image.fromarray(pixels, "RGBA").convert(mode)
+    decoded = Image.open(io.BytesIO(encode_png(source, level)))
+    decoded.load()
+    expected = source if mode != "P" else source.convert("RGB")
+    assert decoded.mode == expected.mode
+    assert np.array_equal(np.asarray(decoded), np.asarray(expected))
