@@ -30,6 +30,10 @@ class AdmissionBudget:
         with self._lock:
             return self._requests, self._megapixels
 
+    def full(self) -> bool:
+        with self._lock:
+            return self._requests >= self._max_requests
+
     def try_acquire(self, megapixels: float) -> Ticket | None:
         with self._lock:
             if self._requests + 1 > self._max_requests:

@@ -64,6 +64,7 @@ Service = Annotated[RemovalService, Depends(get_service)]
 async def remove_v1(
     request: Request, params: Annotated[RemoveParams, Query()], service: Service
 ) -> Response:
+    await shed_early(request, service)
     data, _ = await read_image(request, service.settings.max_body_bytes)
     return await run_removal(request, service, data, params)
 
@@ -77,6 +78,7 @@ async def remove_v1(
     response_class=Response,
 )
 async def remove_rembg_compatible(request: Request, service: Service) -> Response:
+    await shed_early(request, service)
     data, fields = await read_image(request, service.settings.max_body_bytes)
     # rembg reads bgc from the query string even on POST; accept it in the form too.
     merged = {**fields, **{k: v for k, v in request.query_params.items() if k not in fields}}
@@ -152,6 +154,23 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 # --- body ------------------------------------------------------------------------------------
+
+
+async def shed_early(request: Request, service: RemovalService) -> None:
+    """A full queue answers 429 without parsing or probing: under a flood, rejections must be
+    cheap or they eat the CPU the admitted requests need. The body is still drained, because
+    closing a socket with unread data makes the kernel reset it and the client would see a
+    connection error instead of the 429."""
+    try:
+        service.shed_if_full()
+    except RequestRejectedError as error:
+        drained = 0
+        async for chunk in request.stream():
+            drained += len(chunk)
+            if drained > service.settings.max_body_bytes:
+                error.headers["Connection"] = "close"
+                break
+        raise
 
 
 async def read_image(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:

@@ -99,7 +99,9 @@ class RemovalService:
         self.metrics = metrics
         self.models: dict[str, ServedModel] = {}
         self.failures: dict[str, str] = {}
-        self.budget = AdmissionBudget(settings.queue_max_requests, settings.queue_max_megapixels)
+        self.budget = AdmissionBudget(
+            settings.resolved_queue_max_requests(), settings.queue_max_megapixels
+        )
         self.cache = ResultCache(settings.cache_max_bytes)
         self._cpu = ThreadPoolExecutor(
             max_workers=settings.resolved_cpu_workers(), thread_name_prefix="cpu"
@@ -293,16 +295,23 @@ class RemovalService:
         except ImageRejectedError as error:
             raise RequestRejectedError(error.status, error.message) from error
 
+    def shed_if_full(self) -> None:
+        """Refuse early, before the body is parsed, when no request could be admitted now."""
+        if self.budget.full():
+            raise self._overloaded()
+
+    def _overloaded(self) -> RequestRejectedError:
+        pending, megapixels = self.budget.pending
+        return RequestRejectedError(
+            429,
+            f"overloaded: {pending} requests / {megapixels:.1f} megapixels pending",
+            {"Retry-After": str(self.budget.retry_after_seconds())},
+        )
+
     def _admit(self, model: str, header: ImageHeader) -> Ticket:
         ticket = self.budget.try_acquire(header.megapixels)
         if ticket is None:
-            retry = str(self.budget.retry_after_seconds())
-            pending, megapixels = self.budget.pending
-            raise RequestRejectedError(
-                429,
-                f"overloaded: {pending} requests / {megapixels:.1f} megapixels pending",
-                {"Retry-After": retry},
-            )
+            raise self._overloaded()
         labels = (model, self.device_of(model))
         self.metrics.pending_requests.labels(*labels).inc()
         self.metrics.pending_megapixels.labels(*labels).inc(header.megapixels)

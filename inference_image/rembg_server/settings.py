@@ -44,7 +44,12 @@ class Settings(BaseSettings):
     cpu_workers: int = Field(default=0, ge=0, description="decode/encode threads; 0 = CPU limit")
     max_body_bytes: int = Field(default=20 * _MIB, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
-    queue_max_requests: int = Field(default=32, gt=0)
+    queue_max_requests: int = Field(
+        default=0,
+        ge=0,
+        description="admitted requests at once; 0 = 3 per CPU (beyond that, latency grows "
+        "linearly with no throughput gain)",
+    )
     queue_max_megapixels: float = Field(default=200.0, gt=0)
     request_timeout_seconds: float = Field(default=60.0, gt=0)
     batch_max_size: int = Field(default=1, ge=1, le=64)
@@ -110,6 +115,9 @@ class Settings(BaseSettings):
 
     def resolved_threads(self) -> int:
         return self.threads or cpu_limit()
+
+    def resolved_queue_max_requests(self) -> int:
+        return self.queue_max_requests or 3 * cpu_limit()
 
     def resolved_cpu_workers(self) -> int:
         return self.cpu_workers or cpu_limit()
