@@ -52,8 +52,8 @@ cluster-up: binaries ## Start the local control plane (etcd, apiserver, controll
 cluster-down: ## Stop the local control plane and remove its state
 	$(PY) -m rembg_devcluster down
 
-server: venv ## Run the inference server on 127.0.0.1:8080
-	$(PY) -m rembg_server
+server: venv model ## Run the inference server on 127.0.0.1:8080 (settings: REMBG_* env, see README)
+	REMBG_HOST=$${REMBG_HOST:-127.0.0.1} REMBG_LOG_FORMAT=$${REMBG_LOG_FORMAT:-text} $(PY) -m rembg_server
 
 operator: venv ## Run the operator against $KUBECONFIG
 	$(PY) -m rembg_operator
@@ -102,7 +102,7 @@ e2e-kind: ## The e2e suite against a kind cluster (needs Docker)
 .PHONY: bench bench-server bench-operator
 bench: bench-server bench-operator ## All benchmarks
 
-bench-server: setup ## Our server vs `rembg s` vs the model-only ceiling
+bench-server: venv model ## Our server vs `rembg s` (PyPI, in .bench-venv) vs the model-only ceiling
 	$(PY) bench/bench_server.py
 
 bench-operator: setup ## 1/100/500 RembgServices on the local control plane
