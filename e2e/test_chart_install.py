@@ -116,6 +116,9 @@ class Release:
             if sample.name == name and labels.items() <= sample.labels.items()
         )
 
+    def operator_running(self) -> bool:
+        return any(r.name == OPERATOR and r.alive() for r in self.cluster.records)
+
     def stop_operator(self) -> None:
         self.cluster.stop_process(OPERATOR)
         # stop() can return after the process died but before its Popen was reaped, and the
@@ -190,7 +193,7 @@ def release(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     try:
         yield installed
     finally:
-        if any(r.name == OPERATOR and r.alive() for r in cluster.records):
+        if installed.operator_running():
             installed.stop_operator()
         subprocess.run(
             ["helm", "uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--ignore-not-found"],
@@ -231,6 +234,13 @@ def apply_minimal(cluster: Any, namespace: str) -> str:
     manifest["metadata"]["namespace"] = namespace
     cluster.apply(manifest)
     return str(manifest["metadata"]["name"])
+
+
+def patch_spec(cluster: Any, namespace: str, name: str, spec: dict[str, Any]) -> None:
+    cluster.kubectl(
+        "patch", "rembgservice", name, "-n", namespace, "--type=merge",
+        "-p", json.dumps({"spec": spec}),
+    )  # fmt: skip
 
 
 def children(cluster: Any, namespace: str, owner_uid: str) -> list[dict[str, Any]]:
@@ -303,8 +313,23 @@ def test_operator_with_the_chart_token_reconciles_minimal_example(
         assert "Forbidden" not in json.dumps(obj["status"])
         # The chart-token operator is the one that did it: its own metrics count the reconciles.
         assert release.operator_metric("rembg_operator_reconciles_total", kind="full") >= 1
-    finally:
+
+        # An invalid spec the schema cannot catch: Stalled (Degraded for Argo CD).
+        patch_spec(cluster, namespace, name, {"models": ["no-such-model"]})
+        cluster.wait_for(
+            f"rembgservice/{name}", "-n", namespace, "--for=condition=Stalled", timeout=60
+        )
+        capture(rembgservice(cluster, namespace, name), "degraded-invalid-spec")
+
+        # A spec change the operator has not observed yet (it is stopped): stale status.
         release.stop_operator()
+        patch_spec(cluster, namespace, name, {"models": ["u2netp"]})
+        stale = rembgservice(cluster, namespace, name)
+        assert stale["status"]["observedGeneration"] < stale["metadata"]["generation"]
+        capture(stale, "progressing-spec-not-yet-observed")
+    finally:
+        if release.operator_running():
+            release.stop_operator()
 
 
 def one_verb_removed(cluster_role: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -352,7 +377,8 @@ def test_one_verb_less_and_the_operator_fails(release: Release, namespace: str) 
             f"rembgservice/{name}", "-n", namespace, "--for=condition=Ready", timeout=READY_TIMEOUT
         )
     finally:
-        release.stop_operator()
+        if release.operator_running():
+            release.stop_operator()
 
 
 def test_uninstall_keeps_the_crd_and_nothing_else(release: Release) -> None:

@@ -119,7 +119,7 @@ def server_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     real u2netp weights from U2NET_HOME) exports after serving one real image; labelled series
     appear only once observed, so one removal request comes first."""
     image = io.BytesIO()
-    Image.fromarray(skimage.data.astronaut()).save(image, format="PNG")
+    Image.fromarray(skimage.data.astronaut()).save(image, format="PNG")  # type: ignore[no-untyped-call]
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -41,7 +41,8 @@ PROMQL_WORDS = frozenset(
 
 
 def load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
+    dashboard: dict[str, Any] = json.loads(path.read_text())
+    return dashboard
 
 
 def panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
