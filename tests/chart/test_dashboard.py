@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import Counter, Gauge, Histogram
+from rembg_operator import metrics as operator_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "charts" / "rembg-operator" / "files" / "dashboards").glob("*.json"))
@@ -160,9 +162,34 @@ def test_every_query_is_valid_promql(dashboard: dict[str, Any], tmp_path: Path) 
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def operator_metric_names() -> set[str]:
+    """Sample names of the operator's own metrics (rembg_operator.metrics), by metric type."""
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
+    names = set()
+    for collector in vars(operator_metrics).values():
+        if isinstance(collector, Counter | Gauge | Histogram):
+            for family in collector.describe():
+                names |= {family.name + suffix for suffix in suffixes[family.type]}
+    return names
+
+
+def test_operator_metric_names_are_read_from_the_operator() -> None:
+    names = operator_metric_names()
+    assert "rembg_operator_reconciles_total" in names
+    assert "rembg_operator_reconcile_duration_seconds_bucket" in names
+
+
 def test_every_metric_exists(dashboard: dict[str, Any], server_metric_names: set[str]) -> None:
     used = set().union(*(metric_names(substitute(e)) for e in queries(dashboard)))
     ours = {name for name in used if name not in KUBE_STATE_METRICS}
-    assert ours, "the dashboard must read the inference server's metrics"
-    missing = ours - server_metric_names
+    from_operator = {name for name in ours if name.startswith("rembg_operator_")}
+    from_server = ours - from_operator
+    assert from_server, "the dashboard must read the inference server's metrics"
+    missing = from_server - server_metric_names
     assert not missing, f"not in the inference server's /metrics: {sorted(missing)}"
+    missing = from_operator - operator_metric_names()
+    assert not missing, f"not among the operator's metrics: {sorted(missing)}"
