@@ -16,7 +16,7 @@ export GOCACHE=$CACHE/go-build GOMODCACHE=$CACHE/go-mod GOFLAGS=-buildvcs=false 
 # Go 1.27's JSON v2 experiment breaks kube-apiserver's OpenAPI; we pin 1.26, and this guards a newer one.
 export GOEXPERIMENT=${GOEXPERIMENT:-nojsonv2}
 # Bump when the way a component is built changes, so cached binaries get rebuilt.
-RECIPE=2
+RECIPE=3
 
 say() { echo "build-binaries: $*" >&2; }
 current_step="setup"
@@ -49,8 +49,11 @@ publish() { # tmpdir dir name version seconds: atomically replace dir with tmpdi
   say "$name $version ready in ${seconds}s -> $dir"
 }
 
-# --- Kubernetes: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl ---------------
-k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# --- Kubernetes: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and etcd ------
+# etcd is the server version Kubernetes itself pins (go.etcd.io/etcd/server/v3 in its module
+# graph): kube-apiserver needs etcd >= 3.5.13 for RequestWatchProgress, without which watch-list
+# requests (KWOK's) fail and its pod updates lag by up to a minute.
+k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
 k8s_bin=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
 if ! is_cached "$k8s_bin" kubernetes "$KUBERNETES_VERSION" "${k8s_components[@]}"; then
   current_step="kubernetes $KUBERNETES_VERSION"
@@ -72,12 +75,19 @@ if ! is_cached "$k8s_bin" kubernetes "$KUBERNETES_VERSION" "${k8s_components[@]}
       echo "require k8s.io/kubernetes $KUBERNETES_VERSION"
       grep -E '^\s*k8s\.io/[a-z0-9-]+ => \./staging/' "$upstream_mod" | awk -v v="v0.${KUBERNETES_VERSION#v1.}" '{print "replace " $1 " => " $1 " " v}'
     } > go.mod
-    pkgs=(); for c in "${k8s_components[@]}"; do pkgs+=("k8s.io/kubernetes/cmd/$c"); done
+    pkgs=()
+    for c in "${k8s_components[@]}"; do
+      case $c in
+        etcd) pkgs+=("go.etcd.io/etcd/server/v3");;  # builds a binary named "server"
+        *) pkgs+=("k8s.io/kubernetes/cmd/$c");;
+      esac
+    done
     # -mod=mod lets the build resolve the transitive requirements into go.sum itself.
     "$GO" build -mod=mod -trimpath -o "$tmp/" \
       -ldflags "-s -w -X k8s.io/component-base/version.gitVersion=$KUBERNETES_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean" \
       "${pkgs[@]}"
   )
+  mv "$tmp/server" "$tmp/etcd"
   "$tmp/kubectl" version --client=true -o json | grep -q "\"gitVersion\": \"$KUBERNETES_VERSION\"" \
     || { say "built kubectl does not report $KUBERNETES_VERSION"; false; }
   publish "$tmp" "$k8s_bin" kubernetes "$KUBERNETES_VERSION" $((SECONDS - start))

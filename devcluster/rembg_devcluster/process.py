@@ -111,10 +111,22 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 def _group_members(pgid: int) -> list[psutil.Process]:
     members = []
     for proc in psutil.process_iter(["pid"]):
-        with contextlib.suppress(psutil.Error):
+        # Processes come and go while we iterate: either library may say "no such process".
+        with contextlib.suppress(psutil.Error, OSError):
             if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
                 members.append(proc)
     return members
+
+
+def _reap(popen: subprocess.Popen[bytes] | None) -> None:
+    """Collects our child's exit status (else Popen warns that it is 'still running')."""
+    if popen is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(timeout=5)
+
+
+def _gone(record: ProcessRecord) -> bool:
+    return not record.alive() and not _group_members(record.pid)
 
 
 def stop(
@@ -124,23 +136,19 @@ def stop(
 ) -> None:
     """SIGTERM to the process group, SIGKILL after the grace period; reaps our own children."""
     if not record.alive():
-        if popen is not None:
-            popen.poll()
+        _reap(popen)
         return
     _signal_group(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not _gone(record):
         if popen is not None:
             popen.poll()
-        if not record.alive() and not _group_members(record.pid):
-            return
         time.sleep(0.05)
-    _signal_group(record.pid, signal.SIGKILL)
-    if popen is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(timeout=5)
+    if not _gone(record):
+        _signal_group(record.pid, signal.SIGKILL)
+    _reap(popen)
     kill_deadline = time.monotonic() + 5
-    while (record.alive() or _group_members(record.pid)) and time.monotonic() < kill_deadline:
+    while not _gone(record) and time.monotonic() < kill_deadline:
         time.sleep(0.05)
 
 
@@ -191,6 +199,13 @@ class ProcessHost:
             if record.name == name:
                 return record
         raise KeyError(f"no process named {name!r} was spawned here")
+
+    def wait_process(self, name: str, timeout: float) -> int:
+        """Waits for a process spawned here to exit and returns its exit code."""
+        popen = self._popens.get(name)
+        if popen is None:
+            raise KeyError(f"{name!r} was not spawned by this Python process")
+        return popen.wait(timeout=timeout)
 
     def stop_process(self, name: str, grace_seconds: float = 10.0) -> None:
         """Stops one process (SIGTERM to its group, SIGKILL after the grace period)."""
