@@ -65,6 +65,7 @@ class Release:
     workdir: Path
     health_port: int
     metrics_port: int
+    notes: str = ""
 
     def helm(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -171,7 +172,7 @@ def release(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         cluster, tmp_path_factory.mktemp("chart"), health_port=free_port(), metrics_port=free_port()
     )
     adopt_existing_crd(cluster)
-    installed.helm(
+    installed.notes = installed.helm(
         "install",
         RELEASE,
         str(CHART),
@@ -189,7 +190,7 @@ def release(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "--wait",
         "--timeout",
         "120s",
-    )
+    ).stdout
     try:
         yield installed
     finally:
@@ -254,6 +255,12 @@ def children(cluster: Any, namespace: str, owner_uid: str) -> list[dict[str, Any
 
 def test_install_creates_every_chart_object(release: Release) -> None:
     cluster = release.cluster
+    # NOTES.txt tells the user what to apply next.
+    notes = release.notes.split("NOTES:", 1)[1]
+    assert "kubectl apply -n default -f examples/minimal.yaml" in notes
+    assert "--for=condition=Ready rembgservice" in notes
+    assert "ServiceMonitor rembg-operator" in notes
+    assert "kubectl delete crd rembgservices.rembg.io" in notes
     for kind, name in [
         ("serviceaccount", "rembg-operator"),
         ("service", "rembg-operator-metrics"),
