@@ -388,6 +388,24 @@ def test_one_verb_less_and_the_operator_fails(release: Release, namespace: str) 
             release.stop_operator()
 
 
+def test_upgrade_changes_the_operator_and_keeps_the_crd(release: Release) -> None:
+    """The CRD is a template, so `helm upgrade` manages it (Helm never upgrades crds/)."""
+    cluster = release.cluster
+    before = cluster.get_json("crd", CRD)["metadata"]["uid"]
+    release.helm(
+        "upgrade", RELEASE, str(CHART), "-n", RELEASE_NAMESPACE, "--reuse-values",
+        "--set", "operator.logLevel=debug", "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    assert "--log-level=DEBUG" in release.container()["args"]
+    crd = cluster.get_json("crd", CRD)
+    assert crd["metadata"]["uid"] == before, "an upgrade must never recreate the CRD"
+    assert crd["metadata"]["labels"]["helm.sh/chart"] == "rembg-operator-0.1.0"
+    assert crd["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE
+    deployment = cluster.get_json("deployment", RELEASE, "-n", RELEASE_NAMESPACE)
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["metadata"]["generation"] >= 2
+
+
 def test_uninstall_keeps_the_crd_and_nothing_else(release: Release) -> None:
     cluster = release.cluster
     release.helm("uninstall", RELEASE, "-n", RELEASE_NAMESPACE, "--wait", "--timeout", "120s")

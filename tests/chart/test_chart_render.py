@@ -72,7 +72,7 @@ def test_deployment_runs_one_restricted_operator(render: Render) -> None:
     assert RESTRICTED_POD.items() <= pod["securityContext"].items()
     (container,) = pod["containers"]
     assert RESTRICTED_CONTAINER.items() <= container["securityContext"].items()
-    assert container["image"] == "rembg-fleet/operator:0.1.0"
+    assert container["image"] == "ghcr.io/rembg-fleet/operator:0.1.0"
     assert container["resources"]["requests"]
     assert container["resources"]["limits"]["memory"]
     assert "--all-namespaces" in container["args"]
