@@ -41,9 +41,11 @@ def test_demo_runs_the_whole_fleet_and_cuts_out_a_photo(tmp_path: Path) -> None:
     cutout = Image.open(io.BytesIO((state / "astronaut-cutout.png").read_bytes()))
     assert cutout.mode == "RGBA"
     alpha = np.asarray(cutout)[..., 3]
-    # A real cutout: the background is gone and the astronaut is kept.
-    assert (alpha == 0).mean() > 0.1
-    assert (alpha == 255).mean() > 0.1
+    # A real cutout: the background is gone and the astronaut is kept (u2netp's mask is soft).
+    assert (alpha <= 8).mean() > 0.2
+    assert (alpha >= 128).mean() > 0.3
+    assert alpha[:60, :60].mean() < 16  # top-left corner: studio backdrop
+    assert alpha[100:200, 180:300].mean() > 128  # her face
     after = json.loads((state / "state.json").read_text())
     for record in after["processes"]:
         if psutil.pid_exists(record["pid"]):

@@ -15,6 +15,7 @@ from rembg_devcluster.errors import DevClusterError
 log = logging.getLogger("rembg_devcluster")
 
 DEFAULT_DIR = Path(".cluster")
+STOP_HINT = "python -m rembg_devcluster"
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -33,7 +34,10 @@ def _up(args: argparse.Namespace) -> int:
     )
     log.info("  export KUBECONFIG=%s", cluster.kubeconfig)
     log.info("  export PATH=%s:$PATH", cluster.kubectl_binary.parent)
-    log.info(f"  logs: {cluster.layout.logs}   stop: make cluster-down")
+    stop_command = (
+        "make cluster-down" if args.dir == DEFAULT_DIR else f"{STOP_HINT} --dir {args.dir} down"
+    )
+    log.info("  logs: %s   stop: %s", cluster.layout.logs, stop_command)
     return 0
 
 
@@ -68,7 +72,10 @@ def _demo(args: argparse.Namespace) -> int:
     )
     log.info(f"  kubectl get rembgservice {result.service} -n {result.namespace} -o yaml")
     log.info(f"  curl --data-binary @photo.jpg {result.server_url}/v1/remove > cutout.png")
-    log.info("  stop everything: make cluster-down")
+    stop_command = (
+        "make cluster-down" if args.dir == DEFAULT_DIR else f"{STOP_HINT} --dir {args.dir} down"
+    )
+    log.info("  stop everything: %s", stop_command)
     return 0
 
 

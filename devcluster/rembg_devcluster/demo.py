@@ -138,7 +138,7 @@ def _run_on(cluster: DevCluster, example: Path) -> DemoResult:
     name = doc["metadata"]["name"]
     namespace = doc["metadata"].get("namespace", "default")
     cluster.apply(example.read_text(), "-n", namespace)
-    log.info(f"demo: applied {example.relative_to(REPO_ROOT)} (rembgservice/{name} in {namespace})")
+    log.info("demo: applied %s (rembgservice/%s in %s)", example, name, namespace)
     cluster.wait_for(
         f"rembgservice/{name}",
         "-n",
