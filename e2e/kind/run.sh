@@ -13,7 +13,7 @@ fi
 source devcluster/versions.env
 CACHE=${REMBG_FLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rembg-fleet}
 PY=${PY:-.venv/bin/python}
-devcluster/build-binaries.sh
+make venv model binaries
 kubectl=$CACHE/bin/kubernetes-$KUBERNETES_VERSION/kubectl
 
 kind=$(command -v kind || true)
@@ -41,9 +41,16 @@ trap cleanup EXIT
 
 "$kind" create cluster --name "$name" --config e2e/kind/kind-config.yaml --kubeconfig "$KUBECONFIG" --wait 180s
 
-# Locally built images (make images) go into the cluster's nodes; nothing is pulled for them.
-make images
-for image in rembg-fleet/server:dev rembg-fleet/operator:dev; do
+# Locally built images go into the cluster's nodes, under the names the operator and chart use by
+# default, so nothing is pulled for them. (The CUDA image is not built: kind nodes have no GPU.)
+server_image=$("$PY" -c 'from rembg_operator.models import RembgServiceSpec as S; print(S.model_fields["image"].default)')
+docker build -t rembg-fleet/server:dev -t "$server_image" -f inference_image/Dockerfile .
+images=(rembg-fleet/server:dev "$server_image")
+if [ -f operator/Dockerfile ]; then
+  docker build -t rembg-fleet/operator:dev -f operator/Dockerfile .
+  images+=(rembg-fleet/operator:dev)
+fi
+for image in "${images[@]}"; do
   "$kind" load docker-image "$image" --name "$name"
 done
 
