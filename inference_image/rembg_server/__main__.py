@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from rembg_server.app import create_app
 from rembg_server.logs import configure_logging
+from rembg_server.memory import limit_allocator_growth
 from rembg_server.settings import Settings, describe_error
 
 
@@ -53,6 +54,7 @@ def main() -> int:
         sys.stderr.write(f"rembg_server: {describe_error(error)}\n")
         return 2
     configure_logging(settings.log_format, settings.log_level)
+    limit_allocator_growth()  # before any worker thread exists
     app = create_app(settings)
 
     def drain() -> None:

@@ -39,22 +39,30 @@ BatchObserver = Callable[[int, float, list[float]], None]  # size, inference s, 
 
 
 class BatchWorker:
-    """Collects up to `max_size` jobs (waiting at most `max_wait` for more) per model call."""
+    """Collects up to `max_size` jobs (waiting at most `max_wait` for more) per model call.
+
+    Several workers (each with its own onnxruntime session and thread) may share one queue:
+    on a few CPU cores, two single-threaded sessions side by side beat one two-threaded
+    session, whose parallel sections stall whenever decode/encode work preempts a thread.
+    """
 
     def __init__(
         self,
         model: MaskModel,
+        queue: asyncio.Queue[Job],
+        *,
         max_size: int,
         max_wait_seconds: float,
         heartbeat: Heartbeat,
         observe: BatchObserver,
     ) -> None:
         self.model = model
+        self.heartbeat = heartbeat
         self._max_size = max_size if model.batchable else 1
         self._max_wait = max_wait_seconds
         self._heartbeat = heartbeat
         self._observe = observe
-        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._queue = queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model.name}")
         self._task: asyncio.Task[None] | None = None
 
@@ -74,14 +82,8 @@ class BatchWorker:
         """False when the worker task died or an inference call is stuck past the limit."""
         return self._task is not None and not self._task.done() and not self._heartbeat.wedged()
 
-    def submit(self, payload: Any) -> Job:
-        job = Job(payload, asyncio.get_running_loop().create_future())
-        self._queue.put_nowait(job)
-        return job
-
-    def idle(self) -> bool:
-        """Nothing queued and no model call in flight."""
-        return self._queue.empty() and self._heartbeat.stalled_for() == 0.0
+    def busy(self) -> bool:
+        return self._heartbeat.stalled_for() > 0.0
 
     async def _run(self) -> None:
         while True:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,7 +21,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from PIL import Image
-from rembg.sessions import sessions
 
 from rembg_server.checksums import KNOWN_DIGESTS, Digest, ModelFileError, verify_file
 
@@ -73,23 +71,16 @@ class ModelLoadError(Exception):
     """A model cannot be served; the message names the model, the file and the reason."""
 
 
-@cache
+# Local rembg models whose session reads exactly <name>.onnx and whose digest rembg pins.
+# Excluded: remote backends, models needing credentials or a user-supplied path (*_custom),
+# SAM (two files and prompts; it does not fit a remove endpoint) and birefnet-general-fp16
+# (rembg converts it on first use; bake its converted file with an explicit checksum instead).
+# tests/server/test_engine.py checks every name against rembg's own session registry.
+SERVABLE_MODELS = frozenset(KNOWN_DIGESTS)
+
+
 def servable_model_names() -> frozenset[str]:
-    """rembg's model names whose weights are one local <name>.onnx file the server can verify.
-
-    Excluded: remote backends, models needing credentials or a user-supplied path (*_custom),
-    and SAM (two files and prompts; it does not fit a remove endpoint).
-    """
-    return frozenset(
-        name
-        for name, cls in sessions.items()
-        if cls.is_local() and not cls.requires_credentials() and name in _SINGLE_FILE_MODELS
-    )
-
-
-# Local rembg models whose session reads exactly <name>.onnx; a new rembg model joins here
-# once its digest is added to checksums.KNOWN_DIGESTS.
-_SINGLE_FILE_MODELS = frozenset(KNOWN_DIGESTS) | {"birefnet-general-fp16"}
+    return SERVABLE_MODELS
 
 
 def model_path(model_dir: Path, name: str) -> Path:
@@ -283,10 +274,14 @@ class LoadRequest:
     allow_cpu_fallback: bool
     threads: int
     batch_max_size: int
+    sessions: int = 1
 
 
-def load_model(request: LoadRequest) -> MaskModel:
-    """Verify the file, open the session, check the provider; ModelLoadError says what failed."""
+def load_model(request: LoadRequest) -> list[MaskModel]:
+    """Verify the file once, open `sessions` sessions, check the provider.
+
+    ModelLoadError says which model and file failed, and why.
+    """
     name = request.name
     path = model_path(request.model_dir, name)
     try:
@@ -297,14 +292,15 @@ def load_model(request: LoadRequest) -> MaskModel:
     if choice.refusal:
         raise ModelLoadError(f"{name}: {choice.refusal}")
     options = build_session_options(request.threads)
-    try:
-        model = _open(name, path, options, choice.requested, request.batch_max_size)
-    except ModelLoadError:
-        raise
-    except Exception as error:  # onnxruntime raises bare RuntimeError/Fail subclasses
-        raise ModelLoadError(f"{name}: {path}: onnxruntime cannot load it ({error})") from error
-    _check_provider(name, request, model.provider)
-    return model
+    models = []
+    for _ in range(request.sessions):
+        try:
+            model = _open(name, path, options, choice.requested, request.batch_max_size)
+        except Exception as error:  # onnxruntime raises bare RuntimeError/Fail subclasses
+            raise ModelLoadError(f"{name}: {path}: onnxruntime cannot load it ({error})") from error
+        _check_provider(name, request, model.provider)
+        models.append(model)
+    return models
 
 
 def _open(
@@ -312,6 +308,10 @@ def _open(
 ) -> MaskModel:
     recipe = RECIPES.get(name)
     if recipe is None:
+        # Imported only here: rembg pulls in numba, scipy and scikit-image (~160 MB of RSS)
+        # that the recipe models never need.
+        from rembg.sessions import sessions  # noqa: PLC0415
+
         # The file is verified and in place, so rembg's download_models() finds it and
         # never touches the network.
         return RembgSessionModel(name, sessions[name](name, options, providers=providers))

@@ -11,7 +11,6 @@ from typing import Literal
 import numpy as np
 from isal import isal_zlib
 from PIL import Image, ImageOps, UnidentifiedImageError
-from rembg.bg import alpha_matting_cutout, apply_background_color, naive_cutout, post_process
 
 # Formats a photo API needs; everything else is refused before any decoder runs.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -114,12 +113,21 @@ class Composition:
 
 
 def compose(image: Image.Image, mask: Image.Image, how: Composition) -> Image.Image:
-    """rembg.remove()'s single-mask branch: optional mask clean-up, cutout, background fill."""
+    """rembg.remove()'s single-mask branch: optional mask clean-up, cutout, background fill.
+
+    rembg.bg is imported only for the optional CPU-heavy paths: importing it loads numba,
+    scipy and scikit-image (~160 MB of RSS) that plain cutouts never use.
+    """
     if how.post_process_mask:
+        from rembg.bg import post_process  # noqa: PLC0415
+
         mask = Image.fromarray(post_process(np.asarray(mask)))
     if how.only_mask:
         return mask
     if how.alpha_matting:
+        from rembg.bg import alpha_matting_cutout  # noqa: PLC0415
+
+        cutout: Image.Image
         try:
             cutout = alpha_matting_cutout(
                 image,
@@ -134,8 +142,17 @@ def compose(image: Image.Image, mask: Image.Image, how: Composition) -> Image.Im
         cutout = naive_cutout(image, mask)
     if how.bgcolor is not None:
         cutout = apply_background_color(cutout, how.bgcolor)
-    result: Image.Image = cutout
-    return result
+    return cutout
+
+
+def naive_cutout(image: Image.Image, mask: Image.Image) -> Image.Image:
+    """rembg.bg.naive_cutout: colour scaled by the mask (premultiplied look), alpha = mask."""
+    return Image.composite(image, Image.new("RGBA", image.size, 0), mask)
+
+
+def apply_background_color(image: Image.Image, color: tuple[int, int, int, int]) -> Image.Image:
+    """rembg.bg.apply_background_color: the cutout over a solid colour."""
+    return Image.alpha_composite(Image.new("RGBA", image.size, color), image)
 
 
 def encode(

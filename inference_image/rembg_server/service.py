@@ -89,8 +89,20 @@ class RemovalResult:
 
 @dataclass
 class ServedModel:
+    """One model name: its sessions (one per worker) and the queue they share."""
+
     model: MaskModel
-    worker: BatchWorker
+    queue: asyncio.Queue[Job]
+    workers: list[BatchWorker]
+
+    def submit(self, payload: Any) -> Job:
+        job = Job(payload, asyncio.get_running_loop().create_future())
+        self.queue.put_nowait(job)
+        return job
+
+    def idle(self) -> bool:
+        """Nothing queued and no model call in flight."""
+        return self.queue.empty() and not any(worker.busy() for worker in self.workers)
 
 
 class RemovalService:
@@ -109,7 +121,6 @@ class RemovalService:
         self._prepared = False
         self._warming: str | None = None
         self._draining = False
-        self._heartbeats: dict[str, Heartbeat] = {}
         # Pillow's own bomb guard at our limit; larger headers raise DecompressionBombError in
         # probe(). The in-between warning is redundant with our explicit check.
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
@@ -128,13 +139,13 @@ class RemovalService:
         self._publish_readiness()
         for name in self.settings.models:
             try:
-                model = await asyncio.to_thread(load_model, self._load_request(name))
+                sessions = await asyncio.to_thread(load_model, self._load_request(name))
             except ModelLoadError as error:
                 self.failures[name] = str(error)
                 reason = {"reason": str(error)}
                 log.error("model not servable", extra={"fields": reason})  # noqa: TRY400
                 continue
-            self._start(model)
+            self._start(sessions)
         for name in list(self.models):
             await self._warm_up(name)
         self._prepared = True
@@ -151,10 +162,11 @@ class RemovalService:
             allow_cpu_fallback=self.settings.allow_cpu_fallback,
             threads=self.settings.resolved_threads(),
             batch_max_size=self.settings.batch_max_size,
+            sessions=self.settings.resolved_inference_workers(),
         )
 
-    def _start(self, model: MaskModel) -> None:
-        heartbeat = Heartbeat(self.settings.liveness_stall_seconds)
+    def _start(self, sessions: list[MaskModel]) -> None:
+        model = sessions[0]
         labels = (model.name, model.device)
 
         def observe(size: int, seconds: float, waits: list[float]) -> None:
@@ -163,21 +175,24 @@ class RemovalService:
             for wait in waits:
                 self.metrics.queue_duration.labels(*labels).observe(wait)
 
-        worker = BatchWorker(
-            model,
-            self.settings.batch_max_size,
-            self.settings.batch_max_wait_ms / 1000,
-            heartbeat,
-            observe,
-        )
-        worker.start()
-        self.models[model.name] = ServedModel(model, worker)
-        self._heartbeats[model.name] = heartbeat
+        queue: asyncio.Queue[Job] = asyncio.Queue()
+        workers = [
+            BatchWorker(
+                session,
+                queue,
+                max_size=self.settings.batch_max_size,
+                max_wait_seconds=self.settings.batch_max_wait_ms / 1000,
+                heartbeat=Heartbeat(self.settings.liveness_stall_seconds),
+                observe=observe,
+            )
+            for session in sessions
+        ]
+        for worker in workers:
+            worker.start()
+        self.models[model.name] = ServedModel(model, queue, workers)
         self.metrics.model_info.labels(*labels, model.provider).set(1)
-        log.info(
-            "model loaded",
-            extra={"fields": {"model": model.name, "provider": model.provider}},
-        )
+        loaded = {"model": model.name, "provider": model.provider, "sessions": len(sessions)}
+        log.info("model loaded", extra={"fields": loaded})
 
     async def _warm_up(self, name: str) -> None:
         self._warming = name
@@ -223,7 +238,8 @@ class RemovalService:
     async def close(self) -> None:
         self.begin_drain()
         for served in self.models.values():
-            await served.worker.stop()
+            for worker in served.workers:
+                await worker.stop()
         self._cpu.shutdown(wait=True, cancel_futures=True)
 
     def readiness(self) -> tuple[bool, list[str]]:
@@ -239,9 +255,12 @@ class RemovalService:
     def liveness(self) -> tuple[bool, list[str]]:
         reasons = []
         for name, served in self.models.items():
-            if not served.worker.alive():
-                stalled = self._heartbeats[name].stalled_for()
-                reasons.append(f"{name}: inference worker dead or stuck for {stalled:.0f}s")
+            for index, worker in enumerate(served.workers):
+                if not worker.alive():
+                    stalled = worker.heartbeat.stalled_for()
+                    reasons.append(
+                        f"{name}: inference worker {index} dead or stuck for {stalled:.0f}s"
+                    )
         return not reasons, reasons
 
     def _publish_readiness(self) -> None:
@@ -398,7 +417,7 @@ class RemovalService:
     async def _infer(
         self, name: str, payload: Any, timings: Timings, deadline: float | None
     ) -> Any:
-        job = self.models[name].worker.submit(payload)
+        job = self.models[name].submit(payload)
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             result = await asyncio.wait_for(asyncio.shield(job.future), timeout)

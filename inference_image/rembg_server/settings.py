@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
+import onnxruntime as ort
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rembg_server.checksums import Digest
-from rembg_server.engine import servable_model_names
+from rembg_server.engine import CUDA_PROVIDER, servable_model_names
 
 Provider = Literal["cpu", "cuda", "auto"]
 OutputFormat = Literal["png", "webp"]
@@ -40,7 +41,16 @@ class Settings(BaseSettings):
     )
     provider: Provider = "cpu"
     allow_cpu_fallback: bool = False
-    threads: int = Field(default=0, ge=0, description="onnxruntime intra-op threads; 0 = CPU limit")
+    threads: int = Field(
+        default=0, ge=0, description="onnxruntime intra-op threads per session; 0 = auto"
+    )
+    inference_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="sessions (each with its own thread) per model; 0 = auto: one per CPU on "
+        "cpu, one on a GPU",
+    )
     cpu_workers: int = Field(default=0, ge=0, description="decode/encode threads; 0 = CPU limit")
     max_body_bytes: int = Field(default=20 * _MIB, gt=0)
     max_pixels: int = Field(default=40_000_000, gt=0)
@@ -113,8 +123,17 @@ class Settings(BaseSettings):
     def default_model(self) -> str:
         return self.models[0]
 
+    def resolved_inference_workers(self) -> int:
+        if self.inference_workers:
+            return self.inference_workers
+        return 1 if self.uses_gpu() else cpu_limit()
+
+    def uses_gpu(self) -> bool:
+        cuda_available = CUDA_PROVIDER in ort.get_available_providers()
+        return self.provider == "cuda" or (self.provider == "auto" and cuda_available)
+
     def resolved_threads(self) -> int:
-        return self.threads or cpu_limit()
+        return self.threads or max(1, cpu_limit() // self.resolved_inference_workers())
 
     def resolved_queue_max_requests(self) -> int:
         return self.queue_max_requests or 3 * cpu_limit()

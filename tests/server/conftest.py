@@ -20,7 +20,11 @@ from rembg_server.settings import Settings
 from skimage import data
 
 MODEL_DIR = Path(os.environ.get("U2NET_HOME", "~/.u2net")).expanduser()
-PHOTOS = {"astronaut": data.astronaut, "coffee": data.coffee, "chelsea": data.chelsea}
+PHOTOS: dict[str, Callable[[], np.ndarray]] = {
+    "astronaut": data.astronaut,
+    "coffee": data.coffee,
+    "chelsea": data.chelsea,
+}
 
 
 def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:

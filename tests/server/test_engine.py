@@ -19,8 +19,16 @@ from onnx import TensorProto, helper
 from PIL import Image
 from rembg.sessions import sessions
 from rembg_server import provision
-from rembg_server.engine import RECIPES, LoadRequest, RecipeModel, load_model, with_dynamic_batch
+from rembg_server.engine import (
+    RECIPES,
+    SERVABLE_MODELS,
+    LoadRequest,
+    RecipeModel,
+    load_model,
+    with_dynamic_batch,
+)
 from rembg_server.imaging import encode_png
+from rembg_server.memory import limit_allocator_growth
 from rembg_server.settings import Settings, cpu_limit
 
 
@@ -34,7 +42,7 @@ def load(model_dir: Path, name: str = "u2netp", batch: int = 1, **extra: object)
         threads=1,
         batch_max_size=batch,
     )
-    model = load_model(request)
+    [model] = load_model(request)
     assert isinstance(model, RecipeModel)
     return model
 
@@ -222,3 +230,16 @@ def test_png_encoder_round_trips_losslessly(
     expected = source if mode != "P" else source.convert("RGB")
     assert decoded.mode == expected.mode
     assert np.array_equal(np.asarray(decoded), np.asarray(expected))
+
+
+def test_every_servable_name_is_a_local_rembg_model_with_a_single_file() -> None:
+    for name in SERVABLE_MODELS:
+        assert name in sessions, name
+        assert sessions[name].is_local()
+        assert not sessions[name].requires_credentials()
+    assert "u2netp" in SERVABLE_MODELS
+    assert set(RECIPES) <= SERVABLE_MODELS
+
+
+def test_allocator_limits_apply_on_glibc() -> None:
+    assert limit_allocator_growth() is True

@@ -15,6 +15,7 @@ import pytest
 from rembg_server.admission import AdmissionBudget
 from rembg_server.cache import ResultCache
 from rembg_server.engine import Heartbeat
+from rembg_server.service import RemovalService
 
 pytestmark = pytest.mark.anyio
 Metric = Callable[..., Awaitable[float]]
@@ -30,12 +31,12 @@ async def test_not_ready_before_warmup_then_ready_then_draining(
         assert (await client.get("/livez")).status_code == 200
         assert await metric(client, "rembg_ready", model="u2netp") == 0
 
-        await client.app.state.service.prepare()
+        await service_of(client).prepare()
         assert (await client.get("/readyz")).status_code == 200
         assert await metric(client, "rembg_ready", model="u2netp", device="cpu") == 1
         assert await metric(client, "rembg_warmup_seconds", model="u2netp") > 0
 
-        client.app.state.service.begin_drain()
+        service_of(client).begin_drain()
         response = await client.get("/readyz")
         assert response.status_code == 503
         assert response.json()["reasons"] == ["draining: shutting down"]
@@ -126,8 +127,14 @@ class GatedModel:
         return result
 
 
+def service_of(client: httpx.AsyncClient) -> RemovalService:
+    service: RemovalService = client.app.state.service  # type: ignore[attr-defined]
+    return service
+
+
 def gate_model(client: httpx.AsyncClient) -> GatedModel:
-    worker = client.app.state.service.models["u2netp"].worker
+    """Gate the (single) inference worker of u2netp; the tests run with one worker."""
+    [worker] = service_of(client).models["u2netp"].workers
     gated = GatedModel(worker.model)
     worker.model = gated
     return gated
@@ -145,15 +152,18 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], attempts: int = 2
 async def test_wedged_inference_worker_fails_livez(
     app_factory: Callable[..., Any], photos: dict[str, bytes]
 ) -> None:
-    async with app_factory(liveness_stall_seconds=0.2, warmup_runs=0) as client:
+    async with app_factory(
+        liveness_stall_seconds=0.2, warmup_runs=0, inference_workers=1
+    ) as client:
         gated = gate_model(client)
         request = asyncio.create_task(client.post("/v1/remove", content=photos["coffee"]))
 
         async def livez_fails() -> bool:
-            return (await client.get("/livez")).status_code == 503
+            response = await client.get("/livez")
+            return bool(response.status_code == 503)
 
         await wait_until(livez_fails)
-        assert "inference worker dead or stuck" in (await client.get("/livez")).json()["reasons"][0]
+        assert "inference worker 0 dead or stuck" in (await client.get("/livez")).json()["reasons"][0]
         gated.gate.set()
         assert (await request).status_code == 200
         assert (await client.get("/livez")).status_code == 200
@@ -162,7 +172,7 @@ async def test_wedged_inference_worker_fails_livez(
 async def test_burst_over_the_queue_is_shed_with_429_and_retry_after(
     app_factory: Callable[..., Any], photos: dict[str, bytes], metric: Metric
 ) -> None:
-    async with app_factory(queue_max_requests=3, warmup_runs=0) as client:
+    async with app_factory(queue_max_requests=3, warmup_runs=0, inference_workers=1) as client:
         gated = gate_model(client)
         first = [
             asyncio.create_task(client.post("/v1/remove", content=photos["chelsea"]))
@@ -186,7 +196,9 @@ async def test_megapixel_budget_sheds_big_images_first(
     app_factory: Callable[..., Any], photos: dict[str, bytes]
 ) -> None:
     # astronaut is 0.26 MP: two fit in 0.6 MP of queue, a third does not.
-    async with app_factory(queue_max_megapixels=0.6, max_pixels=300_000, warmup_runs=0) as client:
+    async with app_factory(
+        queue_max_megapixels=0.6, max_pixels=300_000, warmup_runs=0, inference_workers=1
+    ) as client:
         gated = gate_model(client)
         first = [
             asyncio.create_task(client.post("/v1/remove", content=photos["astronaut"]))
@@ -195,7 +207,7 @@ async def test_megapixel_budget_sheds_big_images_first(
         await wait_until(lambda: asyncio.to_thread(gated.entered.is_set))
         await wait_until(
             lambda: asyncio.to_thread(
-                lambda: client.app.state.service.budget.pending[0] == 2  # both admitted
+                lambda: service_of(client).budget.pending[0] == 2  # both admitted
             )
         )
         third = await client.post("/v1/remove", content=photos["astronaut"])
@@ -208,7 +220,9 @@ async def test_megapixel_budget_sheds_big_images_first(
 async def test_deadline_passed_while_queued_is_503_and_during_inference_504(
     app_factory: Callable[..., Any], photos: dict[str, bytes], metric: Metric
 ) -> None:
-    async with app_factory(request_timeout_seconds=0.5, warmup_runs=0) as client:
+    async with app_factory(
+        request_timeout_seconds=0.5, warmup_runs=0, inference_workers=1
+    ) as client:
         gated = gate_model(client)
         running, queued = await asyncio.gather(
             client.post("/v1/remove", content=photos["coffee"]),
@@ -221,8 +235,8 @@ async def test_deadline_passed_while_queued_is_503_and_during_inference_504(
         assert int(shed.headers["retry-after"]) >= 1
         batches_before = await metric(client, "rembg_batch_size_count", model="u2netp")
         gated.gate.set()
-        worker = client.app.state.service.models["u2netp"].worker
-        await wait_until(lambda: asyncio.to_thread(worker.idle))
+        served = service_of(client).models["u2netp"]
+        await wait_until(lambda: asyncio.to_thread(served.idle))
         # Only the stuck call ran; the job abandoned in the queue was skipped.
         assert await metric(client, "rembg_batch_size_count", model="u2netp") == batches_before + 1
 
