@@ -284,20 +284,12 @@ class DevCluster(KubeHandle, ProcessHost):
             deadline,
             lambda: self.exists("serviceaccount", "default", "-n", "default"),
         )
-        if config.monitoring_crds:
-            self.kubectl(
-                "wait",
-                "--for=condition=Established",
-                "--timeout=60s",
-                *[f"crd/{name}" for name in monitoring_crd_names(binaries.monitoring_crds_dir)],
-            )
         self._mark("ready", t0)
         self.save()
 
-    def install_monitoring_crds(self, crds_dir: Path) -> None:
+    def install_monitoring_crds(self, crds_dir: Path) -> list[str]:
         """The Prometheus Operator's CRDs (PrometheusRule, ServiceMonitor, PodMonitor)."""
-        for path in sorted(crds_dir.glob("*.yaml")):
-            self.apply(path.read_text())
+        return self.install_crds(sorted(crds_dir.glob("*.yaml")))
 
     def _nodes_ready(self) -> bool:
         listed = self.get_json("nodes")
@@ -339,15 +331,6 @@ class DevCluster(KubeHandle, ProcessHost):
     def save(self) -> None:
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.state_file.write_text(self.state.model_dump_json(indent=2))
-
-
-def monitoring_crd_names(crds_dir: Path) -> list[str]:
-    names = []
-    for path in sorted(crds_dir.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "CustomResourceDefinition":
-                names.append(str(doc["metadata"]["name"]))
-    return names
 
 
 def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str | None = None) -> bool:

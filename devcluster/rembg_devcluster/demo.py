@@ -57,16 +57,7 @@ def install_project_crds(cluster: DevCluster, crds_dir: Path) -> list[str]:
     files = sorted(crds_dir.glob("*.yaml"))
     if not files:
         raise DevClusterError(f"no CRDs in {crds_dir}; run `make crds` first")
-    names = []
-    for path in files:
-        cluster.apply(path.read_text())
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc.get("kind") == "CustomResourceDefinition":
-                names.append(str(doc["metadata"]["name"]))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", *[f"crd/{n}" for n in names]
-    )
-    return names
+    return cluster.install_crds(files)
 
 
 def wait_for_http_ok(url: str, timeout: float, cluster: DevCluster, process: str) -> None:

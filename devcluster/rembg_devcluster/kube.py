@@ -94,6 +94,23 @@ class KubeHandle:
         mode = ["--server-side", "--force-conflicts"] if server_side else []
         return self.kubectl("apply", *mode, *args, "-f", "-", input=_render(manifests))
 
+    def install_crds(self, paths: Sequence[Path], timeout: float = 60.0) -> list[str]:
+        """Applies CRD files and waits until the API server serves them; returns their names."""
+        names: list[str] = []
+        for path in paths:
+            text = path.read_text()
+            self.apply(text)
+            names += [
+                str(doc["metadata"]["name"])
+                for doc in yaml.safe_load_all(text)
+                if doc and doc.get("kind") == "CustomResourceDefinition"
+            ]
+        if names:
+            self.wait_for(
+                "--for=condition=Established", *[f"crd/{n}" for n in names], timeout=timeout
+            )
+        return names
+
     def get_json(self, *args: str) -> dict[str, Any]:
         """`kubectl get ... -o json` parsed."""
         out = self.kubectl("get", *args, "-o", "json").stdout
