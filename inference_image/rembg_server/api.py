@@ -83,10 +83,12 @@ async def remove_rembg_compatible(request: Request, service: Service) -> Respons
     # rembg reads bgc from the query string even on POST; accept it in the form too.
     merged = {**fields, **{k: v for k, v in request.query_params.items() if k not in fields}}
     try:
-        params = RembgFormParams.model_validate(merged).as_remove_params()
+        form = RembgFormParams.model_validate(merged)
     except ValidationError as error:
         raise RequestValidationError(error.errors()) from error
-    return await run_removal(request, service, data, params)
+    if form.unsupported():
+        raise RequestRejectedError(400, f"not supported here: {', '.join(form.unsupported())}")
+    return await run_removal(request, service, data, form.as_remove_params())
 
 
 @router.get("/livez", summary="Process and inference workers alive")

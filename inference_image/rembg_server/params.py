@@ -78,6 +78,11 @@ class RembgFormParams(BaseModel):
     om: bool = False
     ppm: bool = False
     bgc: BgColor = None
+    dc: bool = False  # rembg's decontamination and ViTMatte: refused below, not ignored
+    vm: bool = False
+
+    def unsupported(self) -> list[str]:
+        return [name for name in ("dc", "vm") if getattr(self, name)]
 
     def as_remove_params(self) -> RemoveParams:
         return RemoveParams(

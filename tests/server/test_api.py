@@ -207,7 +207,12 @@ async def test_bad_input_gets_the_right_4xx_and_server_stays_healthy(
 
 @pytest.mark.parametrize(
     ("data", "status"),
-    [({"model": "isnet-anime"}, 400), ({"af": "999"}, 422), ({"bgc": "1,2"}, 422)],
+    [
+        ({"model": "isnet-anime"}, 400),
+        ({"af": "999"}, 422),
+        ({"bgc": "1,2"}, 422),
+        ({"dc": "true"}, 400),
+    ],
 )
 async def test_api_remove_rejects_bad_fields(
     client: httpx.AsyncClient, photos: dict[str, bytes], data: dict[str, str], status: int

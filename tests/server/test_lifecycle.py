@@ -163,7 +163,9 @@ async def test_wedged_inference_worker_fails_livez(
             return bool(response.status_code == 503)
 
         await wait_until(livez_fails)
-        assert "inference worker 0 dead or stuck" in (await client.get("/livez")).json()["reasons"][0]
+        assert (
+            "inference worker 0 dead or stuck" in (await client.get("/livez")).json()["reasons"][0]
+        )
         gated.gate.set()
         assert (await request).status_code == 200
         assert (await client.get("/livez")).status_code == 200
