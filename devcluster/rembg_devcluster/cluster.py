@@ -80,6 +80,17 @@ class ClusterConfig:
     binaries: Binaries = field(default_factory=locate_binaries)
 
 
+@dataclass(frozen=True)
+class _Boot:
+    """What the start-up steps share."""
+
+    binaries: Binaries
+    ports: Ports
+    deadline: float
+    t0: float
+    admin_token: str
+
+
 class ClusterState(BaseModel):
     """What `up` leaves in state.json for `down`, `status` and `attach`."""
 
@@ -233,31 +244,40 @@ class DevCluster(KubeHandle, ProcessHost):
     # ---- boot ------------------------------------------------------------------------------
 
     def _boot(self, config: ClusterConfig, ports: Ports) -> None:
-        binaries = config.binaries
-        layout = self.layout
-        deadline = time.monotonic() + config.start_timeout_seconds
-        t0 = time.monotonic()
-        admin_token = write_pki(layout)
-        write_kubeconfigs(layout, self.state.server, admin_token)
-        layout.kwok_config.write_text(yaml.safe_dump(flags.build_kwok_config()))
-        self._mark("pki", t0)
-
-        self._start("etcd", flags.build_etcd_args(binaries.etcd, layout, ports))
-        self._wait(
-            "etcd",
-            deadline,
-            lambda: _http_ok(f"http://{flags.LOOPBACK}:{ports.etcd_client}/health"),
+        """Credentials, then each layer once the one below is healthy, then seed and verify."""
+        boot = _Boot(
+            binaries=config.binaries,
+            ports=ports,
+            deadline=time.monotonic() + config.start_timeout_seconds,
+            t0=time.monotonic(),
+            admin_token=write_pki(self.layout),
         )
-        self._mark("etcd_healthy", t0)
+        write_kubeconfigs(self.layout, self.state.server, boot.admin_token)
+        self.layout.kwok_config.write_text(yaml.safe_dump(flags.build_kwok_config()))
+        self._mark("pki", boot.t0)
+        self._start_store_and_apiserver(boot)
+        self._start_controllers(boot)
+        if config.monitoring_crds:
+            self.install_monitoring_crds(config.binaries.monitoring_crds_dir)
+        self.apply(nodes.build_default_nodes(config.cpu_nodes, config.gpu_nodes))
+        self._wait_until_usable(boot)
+        self.save()
 
-        self._start(
-            "kube-apiserver", flags.build_apiserver_args(binaries.kube_apiserver, layout, ports)
-        )
-        context = ssl.create_default_context(cafile=str(layout.ca_cert))
+    def _start_store_and_apiserver(self, boot: _Boot) -> None:
+        layout, ports = self.layout, boot.ports
+        self._start("etcd", flags.build_etcd_args(boot.binaries.etcd, layout, ports))
+        etcd_health = f"http://{flags.LOOPBACK}:{ports.etcd_client}/health"
+        self._wait("etcd", boot.deadline, functools.partial(_http_ok, etcd_health))
+        self._mark("etcd_healthy", boot.t0)
+        apiserver = flags.build_apiserver_args(boot.binaries.kube_apiserver, layout, ports)
+        self._start("kube-apiserver", apiserver)
         readyz = f"{self.state.server}/readyz"
-        self._wait("kube-apiserver", deadline, lambda: _http_ok(readyz, context, admin_token))
-        self._mark("apiserver_ready", t0)
+        check = functools.partial(_http_ok, readyz, self._tls(), boot.admin_token)
+        self._wait("kube-apiserver", boot.deadline, check)
+        self._mark("apiserver_ready", boot.t0)
 
+    def _start_controllers(self, boot: _Boot) -> None:
+        layout, ports, binaries = self.layout, boot.ports, boot.binaries
         self._start(
             "kube-controller-manager",
             flags.build_controller_manager_args(binaries.kube_controller_manager, layout, ports),
@@ -267,25 +287,26 @@ class DevCluster(KubeHandle, ProcessHost):
         )
         self._start("kwok", flags.build_kwok_args(binaries.kwok, layout))
 
-        if config.monitoring_crds:
-            self.install_monitoring_crds(binaries.monitoring_crds_dir)
-        self.apply(nodes.build_default_nodes(config.cpu_nodes, config.gpu_nodes))
+    def _wait_until_usable(self, boot: _Boot) -> None:
+        """Controllers healthy, every node Ready, and the default ServiceAccount made."""
         for name, port in (
-            ("kube-controller-manager", ports.controller_manager),
-            ("kube-scheduler", ports.scheduler),
+            ("kube-controller-manager", boot.ports.controller_manager),
+            ("kube-scheduler", boot.ports.scheduler),
         ):
             url = f"https://{flags.LOOPBACK}:{port}/healthz"
-            self._wait(name, deadline, functools.partial(_http_ok, url, context))
-        self._mark("components_healthy", t0)
-        self._wait("kwok", deadline, self._nodes_ready)
-        self._mark("nodes_ready", t0)
-        self._wait(
-            "kube-controller-manager",
-            deadline,
-            lambda: self.exists("serviceaccount", "default", "-n", "default"),
+            self._wait(name, boot.deadline, functools.partial(_http_ok, url, self._tls()))
+        self._mark("components_healthy", boot.t0)
+        self._wait("kwok", boot.deadline, self._nodes_ready)
+        self._mark("nodes_ready", boot.t0)
+        # Pods are refused in a namespace until its default ServiceAccount exists.
+        has_default_sa = functools.partial(
+            self.exists, "serviceaccount", "default", "-n", "default"
         )
-        self._mark("ready", t0)
-        self.save()
+        self._wait("kube-controller-manager", boot.deadline, has_default_sa)
+        self._mark("ready", boot.t0)
+
+    def _tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.layout.ca_cert))
 
     def install_monitoring_crds(self, crds_dir: Path) -> list[str]:
         """The Prometheus Operator's CRDs (PrometheusRule, ServiceMonitor, PodMonitor)."""
