@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -35,6 +36,17 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def wait_established(cluster: Any, crd: str, timeout: float = 60) -> None:
+    """Polls the CRD (kubectl wait errors out while a fresh object has no conditions yet)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conditions = cluster.get_json("crd", crd).get("status", {}).get("conditions") or []
+        if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+            return
+        assert time.monotonic() < deadline, f"CRD {crd} not Established after {timeout}s"
+        time.sleep(0.2)
 
 
 def helm(cluster: Any, *args: str) -> subprocess.CompletedProcess[str]:
@@ -74,7 +86,7 @@ def scoped(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     # crds.enabled=false: the CRD comes from crds/ (another e2e module may have installed it).
     if not cluster.exists("crd", "rembgservices.rembg.io"):
         cluster.apply(CRD_FILE.read_text())
-    cluster.wait_for("--for=condition=Established", "crd/rembgservices.rembg.io", timeout=60)
+    wait_established(cluster, "rembgservices.rembg.io")
     for name in (setup.watched, setup.other):
         cluster.create_namespace(name)
         cluster.wait_for_default_service_account(name)

@@ -62,7 +62,7 @@ ClusterRole when the operator watches all namespaces.
 */}}
 {{- define "rembg-operator.rbacRules" -}}
 {{- $rules := .Files.Get "files/rbac/rules.yaml" | fromYaml }}
-{{- if or (not $rules) (hasKey $rules "Error") }}
+{{- if or (not $rules) (hasKey $rules "Error") (not (hasKey $rules "clusterRules")) (not (hasKey $rules "namespacedRules")) }}
 {{- fail "files/rbac/rules.yaml is missing or invalid: run `make chart`" }}
 {{- end }}
 {{- toYaml $rules }}
