@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         log_refkey="object" if config.log_format == "json" else None,
     )
     logging.getLogger().setLevel(config.log_level)
+    if config.log_level != "DEBUG":
+        # kopf logs every event handler's success per object at INFO: thousands of lines a
+        # minute with a large fleet. Failures still log at WARNING/ERROR.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Importing registers the handlers in kopf's default registry.
     import rembg_operator.handlers  # noqa: F401, PLC0415
 

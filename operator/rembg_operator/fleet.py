@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from rembg_operator import metrics
 from rembg_operator.builders import Capabilities, ServiceRef, build_children
-from rembg_operator.builders.children import Skipped
+from rembg_operator.builders.children import Skipped, autoscaler_available
 from rembg_operator.builders.meta import SERVICE_LABEL
 from rembg_operator.config import OperatorConfig
 from rembg_operator.kube import ApiError, KubeClient
@@ -49,6 +49,17 @@ OPTIONAL_GROUPS = {
 }
 # Annotations controllers write on our children; they are not drift.
 CONTROLLER_ANNOTATIONS = frozenset({"deployment.kubernetes.io/revision"})
+# Children whose replacement costs nothing but a moment; a Deployment is never replaced.
+RECREATABLE = frozenset(
+    {
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ScaledObject",
+    }
+)
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -86,13 +97,23 @@ def _slim_deployment(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class PoolTarget:
+    """A pool as status sees it: its Deployment and what counts as ready."""
+
+    pool: str
+    deployment: str
+    required: bool = True
+    minimum: int = 0
+
+
+@dataclass(frozen=True)
 class Record:
     """What the last full reconcile learnt; status-only refreshes reuse it."""
 
     generation: int
     endpoint: str
     models: tuple[str, ...] = ()
-    pools: tuple[tuple[str, str, bool], ...] = ()  # (pool, deployment name, required)
+    pools: tuple[PoolTarget, ...] = ()
     spec_problems: tuple[str, ...] = ()
     apply_errors: tuple[str, ...] = ()
     skipped: tuple[Skipped, ...] = ()
@@ -140,8 +161,9 @@ class Fleet:
             "apiVersion": body["apiVersion"],
             "kind": body["kind"],
             "metadata": {
-                k: meta.get(k)
+                k: meta[k]
                 for k in ("name", "namespace", "uid", "generation", "labels", "resourceVersion")
+                if meta.get(k) is not None
             },
             "spec": dict(body.get("spec") or {}),
         }
@@ -279,21 +301,29 @@ class Fleet:
             return "invalid"
         capabilities = await self._capabilities(key, spec)
         desired = build_children(ref, spec, capabilities)
+        autoscaled = autoscaler_available(spec, capabilities)
         kopf.adopt(desired.manifests, owner=kopf.Body(cast("kopf.RawBody", owner)))
         outcomes = await asyncio.gather(
             *(self._apply_one(m) for m in desired.manifests), return_exceptions=True
         )
         errors: list[str] = []
         skipped = list(desired.skipped)
+        # Everything wanted stays in the inventory, applied or not: a child that failed to
+        # apply this time must never be pruned because of it.
         inventory: list[tuple[str, str, str]] = []
         for manifest, outcome in zip(desired.manifests, outcomes, strict=True):
-            kind, name = manifest["kind"], manifest["metadata"]["name"]
+            identity = (manifest["apiVersion"], manifest["kind"], manifest["metadata"]["name"])
             if isinstance(outcome, ApiError):
-                errors.extend(self._apply_error(manifest, outcome, skipped))
+                skipped_before = len(skipped)
+                problem = await self._apply_error(key, owner, manifest, outcome, skipped)
+                if problem:
+                    errors.append(problem)
+                if len(skipped) == skipped_before:
+                    inventory.append(identity)
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                inventory.append((manifest["apiVersion"], kind, name))
+                inventory.append(identity)
         errors.extend(await self._prune(key, ref, inventory))
         fallback_active = (
             capabilities.gpu_capacity == 0 and spec.fallback.cpu_pool_when_no_gpu_nodes
@@ -303,10 +333,11 @@ class Fleet:
             endpoint=ref.endpoint,
             models=tuple(spec.models),
             pools=tuple(
-                (
-                    plan.name,
-                    ref.pool_object_name(plan.name),
-                    not (plan.is_gpu and fallback_active),
+                PoolTarget(
+                    pool=plan.name,
+                    deployment=ref.pool_object_name(plan.name),
+                    required=not (plan.is_gpu and fallback_active),
+                    minimum=plan.min_replicas if autoscaled else plan.fixed_replicas,
                 )
                 for plan in desired.plans
             ),
@@ -319,6 +350,7 @@ class Fleet:
             gpu_fallback_active=fallback_active and spec.gpu is not None,
             inventory=tuple(inventory),
         )
+        new_generation = self.statuses.get(key, {}).get("observedGeneration") != generation
         await self._refresh_status(key)
         await self._post_outcome_events(
             key=key,
@@ -327,6 +359,7 @@ class Fleet:
             errors=errors,
             capabilities=capabilities,
             spec=spec,
+            new_generation=new_generation,
         )
         if errors:
             raise ReconcileError("; ".join(errors))
@@ -340,9 +373,15 @@ class Fleet:
             self.deployments[(meta["namespace"], meta["name"])] = _slim_deployment(stored)
         return stored
 
-    def _apply_error(
-        self, manifest: Mapping[str, Any], error: ApiError, skipped: list[Skipped]
-    ) -> list[str]:
+    async def _apply_error(
+        self,
+        key: Key,
+        owner: Mapping[str, Any],
+        manifest: dict[str, Any],
+        error: ApiError,
+        skipped: list[Skipped],
+    ) -> str | None:
+        """Handle a failed apply: None when it was dealt with, else the problem to report."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         group_version = manifest["apiVersion"]
         if error.not_found and group_version in OPTIONAL_GROUPS:
@@ -350,8 +389,20 @@ class Fleet:
             self.client.forget_cached(f"serves:{group_version}")
             reason = "CrdMissing" if "monitoring" in group_version else "KedaNotInstalled"
             skipped.append(Skipped(kind, name, reason, f"{group_version} is not served"))
-            return []
-        return [f"{kind} {name}: {error.message}"]
+            return None
+        if error.status == 422 and kind in RECREATABLE:
+            # A hand edit added list entries another field manager owns (e.g. a second
+            # Service port): apply cannot remove them, so the child is replaced whole.
+            try:
+                await self.client.delete(group_version, kind, key[0], name)
+                await self._apply_one(manifest)
+            except ApiError as again:
+                return f"{kind} {name}: {again.message}"
+            await self._event_once(
+                key, owner, "Recreated", f"{kind} {name} recreated: {error.message}", warning=True
+            )
+            return None
+        return f"{kind} {name}: {error.message}"
 
     async def _prune(
         self, key: Key, ref: ServiceRef, inventory: list[tuple[str, str, str]]
@@ -425,9 +476,12 @@ class Fleet:
             return
         pools = [
             PoolObservation.from_deployment(
-                pool, self.deployments.get((key[0], deployment)), required=required
+                target.pool,
+                self.deployments.get((key[0], target.deployment)),
+                required=target.required,
+                minimum=target.minimum,
             )
-            for pool, deployment, required in record.pools
+            for target in record.pools
         ]
         observation = Observation(
             generation=record.generation,
@@ -462,6 +516,7 @@ class Fleet:
         errors: list[str],
         capabilities: Capabilities,
         spec: RembgServiceSpec,
+        new_generation: bool,
     ) -> None:
         if errors:
             await self._event_once(key, owner, "ApplyFailed", "; ".join(errors), warning=True)
@@ -474,9 +529,10 @@ class Fleet:
                 "no node has allocatable nvidia.com/gpu; the GPU pool's pods stay Pending",
                 warning=True,
             )
-        await self._event_once(
-            key, owner, "Applied", f"generation {generation} applied", warning=False
-        )
+        if new_generation:
+            await self._event_once(
+                key, owner, "Applied", f"generation {generation} applied", warning=False
+            )
 
     async def _event_once(
         self, key: Key, owner: Mapping[str, Any], reason: str, message: str, *, warning: bool
@@ -514,8 +570,6 @@ def _belongs(child_name: str, service: str) -> bool:
     return child_name == service or child_name.startswith(f"{service}-")
 
 
-def _pools_from_status(
-    status: Mapping[str, Any] | None, ref: ServiceRef
-) -> tuple[tuple[str, str, bool], ...]:
+def _pools_from_status(status: Mapping[str, Any] | None, ref: ServiceRef) -> tuple[PoolTarget, ...]:
     pools = (status or {}).get("pools") or {}
-    return tuple((pool, ref.pool_object_name(pool), True) for pool in sorted(pools))
+    return tuple(PoolTarget(pool, ref.pool_object_name(pool)) for pool in sorted(pools))

@@ -22,6 +22,7 @@ from rembg_operator.models import API_GROUP, API_VERSION, PLURAL
 
 log = logging.getLogger(__name__)
 
+RETRY_SECONDS = 5
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 # Every kind of child, watched so that edits and deletions are repaired at once.
 CHILD_RESOURCES = (
@@ -45,20 +46,20 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await operator_settings.stop(memo)
 
 
-@kopf.on.resume(API_GROUP, API_VERSION, PLURAL)
-@kopf.on.create(API_GROUP, API_VERSION, PLURAL)
-@kopf.on.update(API_GROUP, API_VERSION, PLURAL)
+@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, backoff=RETRY_SECONDS)
+@kopf.on.create(API_GROUP, API_VERSION, PLURAL, backoff=RETRY_SECONDS)
+@kopf.on.update(API_GROUP, API_VERSION, PLURAL, backoff=RETRY_SECONDS)
 async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     fleet: Fleet = memo.fleet
     key = fleet.remember(body)
     try:
         await fleet.reconcile(key)
     except (ReconcileError, ApiError) as error:
-        raise kopf.TemporaryError(str(error), delay=5) from error
+        raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from error
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
+async def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
     fleet: Fleet = memo.fleet
     if type == "DELETED":
         fleet.forget((body.metadata.namespace or "", body.metadata.name or ""))
@@ -70,7 +71,7 @@ def _register_child_watchers() -> None:
     for group, version, plural in CHILD_RESOURCES:
 
         @kopf.on.event(group, version, plural, labels=OURS, id=f"child-{plural}")
-        def child_changed(
+        async def child_changed(
             type: str | None,  # noqa: A002 - kopf's keyword
             body: kopf.Body,
             memo: kopf.Memo,

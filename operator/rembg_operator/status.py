@@ -44,10 +44,17 @@ class PoolObservation:
 
     @classmethod
     def from_deployment(
-        cls, pool: str, deployment: Mapping[str, Any] | None, *, required: bool = True
+        cls,
+        pool: str,
+        deployment: Mapping[str, Any] | None,
+        *,
+        required: bool = True,
+        minimum: int = 0,
     ) -> PoolObservation:
+        """minimum: replicas the pool must reach (the autoscaler's floor), even before the
+        autoscaler has raised the Deployment's own replica count to it."""
         if deployment is None:
-            return cls(pool=pool, required=required)
+            return cls(pool=pool, required=required, desired=minimum)
         status = deployment.get("status") or {}
         spec = deployment.get("spec") or {}
         conditions = status.get("conditions") or []
@@ -60,7 +67,7 @@ class PoolObservation:
             exists=True,
             generation=int(deployment.get("metadata", {}).get("generation") or 0),
             observed_generation=int(status.get("observedGeneration") or 0),
-            desired=int(spec.get("replicas", 1)),
+            desired=max(int(spec.get("replicas", 1)), minimum),
             ready=int(status.get("readyReplicas") or 0),
             updated=int(status.get("updatedReplicas") or 0),
             available=int(status.get("availableReplicas") or 0),

@@ -136,11 +136,15 @@ def test_scaled_object(ref: ServiceRef) -> None:
         ({"minAvailable": "50%"}, {"minAvailable": "50%"}),
     ],
 )
-def test_pdb_budget(ref: ServiceRef, availability: dict[str, object], budget: dict[str, object]) -> None:
+def test_pdb_budget(
+    ref: ServiceRef, availability: dict[str, object], budget: dict[str, object]
+) -> None:
     spec = make_spec(cpu={}, availability=availability)
     pdb = build_pdb(ref, spec, _plan(spec, "cpu"))
     assert pdb["apiVersion"] == "policy/v1"
     assert pdb["metadata"]["name"] == "demo-cpu"
-    assert {k: v for k, v in pdb["spec"].items() if k in ("minAvailable", "maxUnavailable")} == budget
+    assert {
+        k: v for k, v in pdb["spec"].items() if k in ("minAvailable", "maxUnavailable")
+    } == budget
     assert pdb["spec"]["selector"]["matchLabels"]["rembg.io/pool"] == "cpu"
     assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"

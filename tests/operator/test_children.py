@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from rembg_operator.builders import Capabilities, ServiceRef, build_children, plan_pools
+from rembg_operator.models import RembgServiceSpec, semantic_problems
 
 from tests.operator.conftest import make_spec
 
@@ -98,13 +101,17 @@ def test_pdb_disabled(ref: ServiceRef) -> None:
 
 @pytest.mark.parametrize("capacity", [None, 1, 8])
 def test_no_fallback_while_gpus_exist_or_unknown(capacity: int | None) -> None:
-    spec = make_spec(gpu={"minReplicas": 2, "maxReplicas": 3}, fallback={"cpuPoolWhenNoGpuNodes": True})
+    spec = make_spec(
+        gpu={"minReplicas": 2, "maxReplicas": 3}, fallback={"cpuPoolWhenNoGpuNodes": True}
+    )
     plans = plan_pools(spec, gpu_capacity=capacity)
     assert [p.name for p in plans] == ["gpu"]
 
 
 def test_fallback_creates_a_cpu_pool_when_no_gpu_nodes() -> None:
-    spec = make_spec(gpu={"minReplicas": 2, "maxReplicas": 3}, fallback={"cpuPoolWhenNoGpuNodes": True})
+    spec = make_spec(
+        gpu={"minReplicas": 2, "maxReplicas": 3}, fallback={"cpuPoolWhenNoGpuNodes": True}
+    )
     gpu, cpu = plan_pools(spec, gpu_capacity=0)
     assert gpu.name == "gpu"
     assert cpu.name == "cpu"
@@ -133,12 +140,14 @@ def test_fallback_off_by_default() -> None:
 
 def test_hpa_follows_fallback_bounds(ref: ServiceRef) -> None:
     spec = make_spec(
-        gpu={"minReplicas": 1}, cpu={"minReplicas": 1, "maxReplicas": 2},
+        gpu={"minReplicas": 1},
+        cpu={"minReplicas": 1, "maxReplicas": 2},
         fallback={"cpuPoolWhenNoGpuNodes": True},
     )
     desired = build_children(ref, spec, Capabilities(gpu_capacity=0))
     hpa = next(
-        m for m in desired.manifests
+        m
+        for m in desired.manifests
         if m["kind"] == "HorizontalPodAutoscaler" and m["metadata"]["name"] == "demo-cpu"
     )
     assert hpa["spec"]["minReplicas"] == 2
@@ -146,11 +155,6 @@ def test_hpa_follows_fallback_bounds(ref: ServiceRef) -> None:
 
 
 def test_examples_build(ref: ServiceRef) -> None:
-    from pathlib import Path
-
-    import yaml
-    from rembg_operator.models import RembgServiceSpec, semantic_problems
-
     examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
     found = 0
     for path in examples:

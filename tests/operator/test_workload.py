@@ -119,9 +119,7 @@ def test_threads_follow_the_cpu_limit(
     spec = make_spec(cpu={"resources": {"limits": limits, "requests": requests}})
     plan = _plan(spec, "cpu")
     assert threads_for(spec, plan) == threads
-    assert dict((e["name"], e["value"]) for e in server_env(spec, plan))["REMBG_THREADS"] == str(
-        threads
-    )
+    assert {e["name"]: e["value"] for e in server_env(spec, plan)}["REMBG_THREADS"] == str(threads)
 
 
 def test_explicit_threads_win(ref: ServiceRef) -> None:
@@ -273,17 +271,25 @@ def test_node_affinity_is_anded_into_user_terms() -> None:
         gpu,
     ]
     assert terms[1]["matchExpressions"] == [gpu]
-    assert terms[1]["matchFields"] == user["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"
-    ]["nodeSelectorTerms"][1]["matchFields"]
+    assert (
+        terms[1]["matchFields"]
+        == user["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"
+        ][1]["matchFields"]
+    )
     assert merged["podAntiAffinity"] == {"x": 1}
     assert merged["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == [
         {"weight": 1}
     ]
     # The input is not mutated.
-    assert len(user["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
-        "nodeSelectorTerms"
-    ][0]["matchExpressions"]) == 1
+    assert (
+        len(
+            user["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+                "nodeSelectorTerms"
+            ][0]["matchExpressions"]
+        )
+        == 1
+    )
 
 
 def test_no_labels_leaves_affinity_alone() -> None:
@@ -305,9 +311,7 @@ def test_rollout_strategy_per_pool(ref: ServiceRef) -> None:
 
 
 def test_topology_spread(ref: ServiceRef) -> None:
-    spec = make_spec(
-        cpu={}, availability={"topologySpread": {"topologyKey": "zone", "maxSkew": 2}}
-    )
+    spec = make_spec(cpu={}, availability={"topologySpread": {"topologyKey": "zone", "maxSkew": 2}})
     pod = _deployment(spec, "cpu", ref)["spec"]["template"]["spec"]
     (constraint,) = pod["topologySpreadConstraints"]
     assert constraint["topologyKey"] == "zone"
@@ -315,9 +319,9 @@ def test_topology_spread(ref: ServiceRef) -> None:
     assert constraint["labelSelector"]["matchLabels"]["rembg.io/pool"] == "cpu"
     assert constraint["matchLabelKeys"] == ["pod-template-hash"]
     off = make_spec(cpu={}, availability={"topologySpread": {"enabled": False}})
-    assert "topologySpreadConstraints" not in _deployment(off, "cpu", ref)["spec"]["template"][
-        "spec"
-    ]
+    assert (
+        "topologySpreadConstraints" not in _deployment(off, "cpu", ref)["spec"]["template"]["spec"]
+    )
 
 
 def test_service_selects_every_pool(ref: ServiceRef) -> None:

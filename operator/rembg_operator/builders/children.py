@@ -54,7 +54,7 @@ def build_children(
     plans = plan_pools(spec, gpu_capacity=capabilities.gpu_capacity)
     manifests: list[Manifest] = []
     skipped: list[Skipped] = []
-    autoscaled = _autoscaler_available(spec, capabilities)
+    autoscaled = autoscaler_available(spec, capabilities)
     for plan in plans:
         manifests.append(build_deployment(ref, spec, plan, manage_replicas=not autoscaled))
     manifests.append(build_service(ref, spec))
@@ -82,7 +82,7 @@ def build_children(
     return DesiredChildren(manifests=manifests, plans=plans, skipped=skipped)
 
 
-def _autoscaler_available(spec: RembgServiceSpec, capabilities: Capabilities) -> bool:
+def autoscaler_available(spec: RembgServiceSpec, capabilities: Capabilities) -> bool:
     if not spec.autoscaling.enabled:
         return False
     return spec.autoscaling.engine == "hpa" or capabilities.keda

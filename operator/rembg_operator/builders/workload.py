@@ -19,8 +19,8 @@ from rembg_operator.builders.meta import (
 from rembg_operator.builders.plan import PoolPlan
 from rembg_operator.models import GpuPoolSpec, RembgServiceSpec, parse_quantity
 
-# Non-root user of the inference image (distroless "nonroot").
-RUN_AS_USER = 65532
+# The non-root user the inference image (inference_image/Dockerfile) creates.
+RUN_AS_USER = 10001
 PROBE_PERIOD_SECONDS = 5
 # Grace on top of drain + request timeout, for the server's own shutdown.
 SHUTDOWN_MARGIN_SECONDS = 5

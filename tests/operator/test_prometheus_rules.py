@@ -1,0 +1,418 @@
+"""Every generated recording rule and alert, checked and unit-tested by the real promtool.
+
+Each alert gets series that must fire it and series that must not (below threshold, too
+short for its `for`, another service's series, a pool scaled to zero on purpose).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from rembg_operator.builders import ServiceRef, plan_pools
+from rembg_operator.builders.monitoring import build_prometheus_rule, build_rule_groups
+from rembg_operator.models import RembgServiceSpec
+
+from tests.operator.conftest import make_spec
+
+PROMTOOL = shutil.which("promtool")
+pytestmark = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool missing: `make system-deps` installs Debian's prometheus"
+)
+
+REF = ServiceRef(name="demo", namespace="team-a")
+SPEC = make_spec(
+    cpu={},
+    gpu={},
+    server={"queueMaxRequests": 64},
+    monitoring={
+        "alerts": {
+            "errorRatio": 0.05,
+            "errorRatioFor": "5m",
+            "latencyP95Seconds": 5,
+            "latencyFor": "10m",
+            "queueSaturationRatio": 0.8,
+            "queueSaturationFor": "5m",
+            "noReadyReplicasFor": "5m",
+            "gpuFallbackFor": "5m",
+        }
+    },
+)
+SERVICE = 'namespace="team-a",rembg_service="demo"'
+OTHER = 'namespace="team-a",rembg_service="other"'
+
+
+def _rules(spec: RembgServiceSpec = SPEC) -> list[dict[str, Any]]:
+    return build_rule_groups(REF, spec, plan_pools(spec, gpu_capacity=4))
+
+
+def _annotations(alert: str, **values: str) -> dict[str, str]:
+    """The alert's annotation templates with Go template expressions replaced by values."""
+    rule = next(r for g in _rules() for r in g["rules"] if r.get("alert") == alert)
+    rendered = {}
+    for key, template_text in rule["annotations"].items():
+        text = template_text
+        for template, value in values.items():
+            text = text.replace(template, value)
+        assert "{{" not in text, f"unrendered template in {alert}.{key}: {text}"
+        rendered[key] = text
+    return rendered
+
+
+def _run(tmp_path: Path, tests: list[dict[str, Any]], spec: RembgServiceSpec = SPEC) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": _rules(spec)}))
+    unit = tmp_path / "unit.yaml"
+    unit.write_text(
+        yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests})
+    )
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", unit.name],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": _rules()}))
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 8 rules found" in result.stdout
+
+
+def test_prometheus_rule_object_wraps_the_same_groups() -> None:
+    plans = plan_pools(SPEC, gpu_capacity=4)
+    rule = build_prometheus_rule(REF, SPEC, plans)
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["kind"] == "PrometheusRule"
+    assert rule["spec"]["groups"] == _rules()
+
+
+def test_extra_labels_for_prometheus_selection() -> None:
+    spec = make_spec(cpu={}, monitoring={"labels": {"release": "kube-prometheus-stack"}})
+    rule = build_prometheus_rule(REF, spec, plan_pools(spec, gpu_capacity=None))
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_no_gpu_alert_without_a_gpu_pool() -> None:
+    spec = make_spec(cpu={})
+    alerts = {r.get("alert") for g in _rules(spec) for r in g["rules"]}
+    assert "RembgGpuPoolWithoutGpu" not in alerts
+    assert {"RembgNoReadyReplicas", "RembgHighErrorRate", "RembgHighLatency"} <= alerts
+
+
+def _requests(labels: str, ok_per_min: int, errors_per_min: int, minutes: int = 30) -> list[Any]:
+    series = f'rembg_requests_total{{{labels},pool="cpu",pod="p1",model="u2netp",device="cpu"'
+    return [
+        {"series": f'{series},code="200"}}', "values": f"0+{ok_per_min}x{minutes}"},
+        {"series": f'{series},code="500"}}', "values": f"0+{errors_per_min}x{minutes}"},
+    ]
+
+
+def test_error_ratio_recording_and_alert(tmp_path: Path) -> None:
+    firing = {
+        "interval": "1m",
+        "input_series": _requests(SERVICE, 90, 10),
+        "promql_exp_test": [],
+        "promql_expr_test": [
+            {
+                "expr": "rembg:request_error_ratio:rate5m",
+                "eval_time": "10m",
+                "exp_samples": [
+                    {"labels": f"rembg:request_error_ratio:rate5m{{{SERVICE}}}", "value": 0.1}
+                ],
+            }
+        ],
+        "alert_rule_test": [
+            {"eval_time": "3m", "alertname": "RembgHighErrorRate", "exp_alerts": []},
+            {
+                "eval_time": "10m",
+                "alertname": "RembgHighErrorRate",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "critical",
+                            "namespace": "team-a",
+                            "rembg_service": "demo",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgHighErrorRate", **{"{{ $value | humanizePercentage }}": "10%"}
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+    firing.pop("promql_exp_test")
+    quiet = {
+        "interval": "1m",
+        "input_series": _requests(SERVICE, 99, 1),
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "RembgHighErrorRate", "exp_alerts": []}
+        ],
+    }
+    other_service = {
+        "interval": "1m",
+        "input_series": _requests(OTHER, 0, 10),
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "RembgHighErrorRate", "exp_alerts": []}
+        ],
+    }
+    _run(tmp_path, [firing, quiet, other_service])
+
+
+def _latency(labels: str, bucket_rates: dict[str, int], minutes: int = 40) -> list[Any]:
+    """Cumulative buckets from per-bucket request rates (per minute)."""
+    series = []
+    cumulative = 0
+    for le in ("1", "5", "10", "+Inf"):
+        cumulative += bucket_rates.get(le, 0)
+        name = (
+            f'rembg_request_duration_seconds_bucket{{{labels},pool="cpu",pod="p1",'
+            f'model="u2netp",device="cpu",le="{le}"}}'
+        )
+        series.append({"series": name, "values": f"0+{cumulative}x{minutes}"})
+    return series
+
+
+def test_latency_recording_and_alert(tmp_path: Path) -> None:
+    # Every request lands in (5, 10]: p95 interpolates to 5 + 5 * 0.95 = 9.75 s.
+    slow = _latency(SERVICE, {"10": 60})
+    labels = {"severity": "warning", "namespace": "team-a", "rembg_service": "demo", "pool": "cpu"}
+    firing = {
+        "interval": "1m",
+        "input_series": slow,
+        "promql_expr_test": [
+            {
+                "expr": "rembg:request_duration_seconds:p95_5m",
+                "eval_time": "10m",
+                "exp_samples": [
+                    {
+                        "labels": f'rembg:request_duration_seconds:p95_5m{{{SERVICE},pool="cpu"}}',
+                        "value": 9.75,
+                    }
+                ],
+            }
+        ],
+        "alert_rule_test": [
+            # Above threshold since ~1m, but `for` is 10m.
+            {"eval_time": "8m", "alertname": "RembgHighLatency", "exp_alerts": []},
+            {
+                "eval_time": "20m",
+                "alertname": "RembgHighLatency",
+                "exp_alerts": [
+                    {
+                        "exp_labels": labels,
+                        "exp_annotations": _annotations(
+                            "RembgHighLatency",
+                            **{
+                                "{{ $labels.pool }}": "cpu",
+                                "{{ $value | humanizeDuration }}": "9.75s",
+                            },
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+    fast = {
+        "interval": "1m",
+        "input_series": _latency(SERVICE, {"1": 60}),
+        "alert_rule_test": [
+            {"eval_time": "30m", "alertname": "RembgHighLatency", "exp_alerts": []}
+        ],
+    }
+    _run(tmp_path, [firing, fast])
+
+
+def _pending(labels: str, pod: str, values: str) -> dict[str, str]:
+    return {
+        "series": f'rembg_pending_requests{{{labels},pool="cpu",pod="{pod}",model="u2netp",'
+        'device="cpu"}',
+        "values": values,
+    }
+
+
+def _pending_record(pod: str) -> str:
+    return f'rembg:pending_requests:sum_by_pod{{{SERVICE},pool="cpu",pod="{pod}"}}'
+
+
+def test_queue_saturation(tmp_path: Path) -> None:
+    # 64 * 0.8 = 51.2: 60 pending fires after 5m; 50 never; a 3-minute spike never.
+    firing = {
+        "interval": "1m",
+        "input_series": [_pending(SERVICE, "p1", "60x20"), _pending(SERVICE, "p2", "50x20")],
+        "promql_expr_test": [
+            {
+                "expr": "rembg:pending_requests:sum_by_pod",
+                "eval_time": "1m",
+                "exp_samples": [
+                    {"labels": _pending_record("p1"), "value": 60},
+                    {"labels": _pending_record("p2"), "value": 50},
+                ],
+            }
+        ],
+        "alert_rule_test": [
+            {
+                "eval_time": "10m",
+                "alertname": "RembgQueueSaturated",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "warning",
+                            "namespace": "team-a",
+                            "rembg_service": "demo",
+                            "pool": "cpu",
+                            "pod": "p1",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgQueueSaturated",
+                            **{"{{ $labels.pod }}": "p1", "{{ $value }}": "60"},
+                        ),
+                    }
+                ],
+            }
+        ],
+    }
+    spike = {
+        "interval": "1m",
+        "input_series": [_pending(SERVICE, "p1", "0 0 60 60 60 0 0 0 0 0 0 0")],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "RembgQueueSaturated", "exp_alerts": []},
+            {"eval_time": "10m", "alertname": "RembgQueueSaturated", "exp_alerts": []},
+        ],
+    }
+    _run(tmp_path, [firing, spike])
+
+
+def _deployment_series(name: str, ready: str, spec_replicas: str) -> list[dict[str, str]]:
+    labels = f'namespace="team-a",deployment="{name}",job="kube-state-metrics"'
+    return [
+        {"series": f"kube_deployment_status_replicas_ready{{{labels}}}", "values": ready},
+        {"series": f"kube_deployment_spec_replicas{{{labels}}}", "values": spec_replicas},
+    ]
+
+
+def test_no_ready_replicas(tmp_path: Path) -> None:
+    firing = {
+        "interval": "1m",
+        "input_series": [
+            *_deployment_series("demo-gpu", "0x20", "2x20"),
+            *_deployment_series("demo-cpu", "2x20", "2x20"),
+            # Another service's Deployment with the same shape must not fire for demo.
+            *_deployment_series("demox-cpu", "0x20", "2x20"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "3m", "alertname": "RembgNoReadyReplicas", "exp_alerts": []},
+            {
+                "eval_time": "10m",
+                "alertname": "RembgNoReadyReplicas",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "critical",
+                            "namespace": "team-a",
+                            "deployment": "demo-gpu",
+                            "job": "kube-state-metrics",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgNoReadyReplicas", **{"{{ $labels.deployment }}": "demo-gpu"}
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+    scaled_to_zero = {
+        "interval": "1m",
+        "input_series": _deployment_series("demo-gpu", "0x20", "0x20"),
+        "alert_rule_test": [
+            {"eval_time": "15m", "alertname": "RembgNoReadyReplicas", "exp_alerts": []}
+        ],
+    }
+    _run(tmp_path, [firing, scaled_to_zero])
+
+
+def _model_info(pool: str, pod: str, provider: str) -> dict[str, str]:
+    return {
+        "series": f'rembg_model_info{{{SERVICE},pool="{pool}",pod="{pod}",model="u2netp",'
+        f'device="{"cuda" if provider.startswith("CUDA") else "cpu"}",provider="{provider}"}}',
+        "values": "1x20",
+    }
+
+
+def test_gpu_pool_without_gpu(tmp_path: Path) -> None:
+    firing = {
+        "interval": "1m",
+        "input_series": [
+            _model_info("gpu", "g1", "CPUExecutionProvider"),
+            _model_info("gpu", "g2", "CUDAExecutionProvider"),
+            _model_info("cpu", "c1", "CPUExecutionProvider"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "3m", "alertname": "RembgGpuPoolWithoutGpu", "exp_alerts": []},
+            {
+                "eval_time": "10m",
+                "alertname": "RembgGpuPoolWithoutGpu",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "warning",
+                            "namespace": "team-a",
+                            "rembg_service": "demo",
+                            "pool": "gpu",
+                            "pod": "g1",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgGpuPoolWithoutGpu", **{"{{ $labels.pod }}": "g1"}
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+    healthy = {
+        "interval": "1m",
+        "input_series": [
+            _model_info("gpu", "g2", "CUDAExecutionProvider"),
+            _model_info("cpu", "c1", "CPUExecutionProvider"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "15m", "alertname": "RembgGpuPoolWithoutGpu", "exp_alerts": []}
+        ],
+    }
+    _run(tmp_path, [firing, healthy])
+
+
+def test_a_wrong_expectation_fails(tmp_path: Path) -> None:
+    """The harness itself can fail: expecting an alert on healthy series is caught."""
+    wrong = {
+        "interval": "1m",
+        "input_series": _requests(SERVICE, 100, 0),
+        "alert_rule_test": [
+            {
+                "eval_time": "10m",
+                "alertname": "RembgHighErrorRate",
+                "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+            }
+        ],
+    }
+    with pytest.raises(AssertionError, match="FAILED"):
+        _run(tmp_path, [wrong])
