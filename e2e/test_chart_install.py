@@ -321,6 +321,20 @@ def test_operator_with_the_chart_token_reconciles_minimal_example(
         # The chart-token operator is the one that did it: its own metrics count the reconciles.
         assert release.operator_metric("rembg_operator_reconciles_total", kind="full") >= 1
 
+        # Drift repair needs watch + create on children: delete a pool and see it come back.
+        deployment = next(i for i in owned if i["kind"] == "Deployment")
+        old_uid = deployment["metadata"]["uid"]
+        cluster.kubectl("delete", "deployment", deployment["metadata"]["name"], "-n", namespace)
+
+        def recreated() -> bool:
+            found = cluster.kubectl(
+                "get", "deployment", deployment["metadata"]["name"], "-n", namespace,
+                "-o", "jsonpath={.metadata.uid}", "--ignore-not-found",
+            ).stdout.strip()  # fmt: skip
+            return bool(found) and found != old_uid
+
+        wait_until(recreated, 90, "the deleted pool Deployment to be recreated")
+
         # An invalid spec the schema cannot catch: Stalled (Degraded for Argo CD).
         patch_spec(cluster, namespace, name, {"models": ["no-such-model"]})
         cluster.wait_for(
