@@ -4,10 +4,12 @@ ServiceAccount (a TokenRequest token, not admin):
 1. `helm install` (ServiceMonitor and dashboard on): every chart object is accepted by the real
    API server and the operator Deployment becomes Available (on a KWOK node);
 2. `python -m rembg_operator` with the Deployment's own args/env and the ServiceAccount's token
-   reconciles examples/minimal.yaml to Ready with all its children: the RBAC is sufficient;
+   reconciles examples/minimal.yaml to Ready with all its children, repairs a deleted child and
+   reports an invalid spec: the RBAC is sufficient;
 3. the same with one verb removed from the ClusterRole fails (Forbidden), and recovers when the
    verb comes back: the RBAC is not merely broad;
-4. `helm uninstall` leaves the CRD (keep policy) and nothing else of the chart.
+4. `helm upgrade` changes the operator and keeps the CRD (same object, now chart-managed);
+5. `helm uninstall` leaves the CRD (keep policy) and nothing else of the chart.
 
 With REMBG_CAPTURE_FIXTURES=1 the RembgServices seen in each state are written to
 tests/chart/fixtures/ for the health.lua tests.
@@ -95,11 +97,8 @@ class Release:
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("REMBG_")}
         env["KUBECONFIG"] = str(kubeconfig)
-        for var in container.get("env", []):
-            if "value" in var:
-                env[var["name"]] = var["value"]
-            elif var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace":
-                env[var["name"]] = RELEASE_NAMESPACE
+        # The chart sets only literal variables (operator.env); copy them as the kubelet would.
+        env.update({var["name"]: var["value"] for var in container.get("env", [])})
         argv = [sys.executable, "-m", "rembg_operator", *container["args"]]
         self.cluster.spawn(OPERATOR, argv, env=env, cwd=self.workdir)
         wait_until(lambda: http_ok(self.health_port), 60, "operator /healthz")
