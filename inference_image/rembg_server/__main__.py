@@ -54,7 +54,7 @@ def main() -> int:
         sys.stderr.write(f"rembg_server: {describe_error(error)}\n")
         return 2
     configure_logging(settings.log_format, settings.log_level)
-    limit_allocator_growth()  # before any worker thread exists
+    limit_allocator_growth()  # before the server starts its worker threads
     app = create_app(settings)
 
     def drain() -> None:

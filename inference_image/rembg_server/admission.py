@@ -52,7 +52,11 @@ class AdmissionBudget:
                 self._seconds_per_request += 0.1 * (seconds - self._seconds_per_request)
 
     def retry_after_seconds(self) -> int:
-        """How long until the queue has likely drained by half: a hint, at least one second."""
+        """When a slot is likely free again: half an admitted request's recent duration.
+
+        Admitted requests finish in turn, so some slot frees well before a full duration;
+        clamped to 1..30 s so a client neither hammers nor gives up.
+        """
         with self._lock:
-            estimate = self._seconds_per_request * self._requests / 2
-        return max(1, math.ceil(estimate))
+            estimate = self._seconds_per_request / 2
+        return min(30, max(1, math.ceil(estimate)))

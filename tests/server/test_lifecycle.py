@@ -305,3 +305,15 @@ def test_heartbeat_reports_a_call_stuck_past_the_limit() -> None:
     assert heartbeat.wedged()
     heartbeat.leave()
     assert not heartbeat.wedged()
+
+
+async def test_warmup_uses_the_user_images_and_skips_unreadable_ones(
+    app_factory: Callable[..., Any], photos: dict[str, bytes], tmp_path: Path, metric: Metric
+) -> None:
+    (tmp_path / "cat.jpg").write_bytes(photos["chelsea"])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "notes.txt").write_text("ignored: not an image suffix")
+    async with app_factory(warmup_dir=tmp_path, warmup_runs=1) as client:
+        assert (await client.get("/readyz")).status_code == 200
+        # one synthetic image and the cat, once each
+        assert await metric(client, "rembg_batch_size_count", model="u2netp") == 2

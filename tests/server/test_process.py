@@ -109,6 +109,8 @@ def test_one_json_log_line_per_request(server: ServerProcess, photos: dict[str, 
     response = post(server.url, photos["chelsea"], **{"X-Request-ID": "log-probe-1"})
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "log-probe-1"
+    # The line is written once the response is sent, so it may land just after we read it.
+    wait_for(lambda: "log-probe-1" in server.log.read_text(), what="the access log line")
     entries = [json.loads(line) for line in server.log_lines()]  # every line is JSON
     [entry] = [e for e in entries if e.get("request_id") == "log-probe-1"]
     assert entry["path"] == "/v1/remove"
