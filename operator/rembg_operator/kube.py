@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -272,7 +272,7 @@ class KubeClient:
         )
 
 
-def gpu_capacity_of(nodes: list[Mapping[str, Any]]) -> int:
+def gpu_capacity_of(nodes: Sequence[Mapping[str, Any]]) -> int:
     """Sum of allocatable GPUs of the nodes that accept pods (pure)."""
     total = 0
     for node in nodes:

@@ -41,6 +41,12 @@ RULES: tuple[Rule, ...] = (
         why="the custom resource; patch for kopf's last-handled annotation",
     ),
     Rule(API_GROUP, (f"{PLURAL}/status",), ("get", "patch", "update"), why="status writes"),
+    Rule(
+        API_GROUP,
+        (f"{PLURAL}/finalizers",),
+        ("update",),
+        why="blockOwnerDeletion on children (OwnerReferencesPermissionEnforcement)",
+    ),
     Rule("apps", ("deployments",), APPLY, why="one Deployment per pool"),
     Rule("", ("services",), APPLY, why="the Service"),
     Rule("autoscaling", ("horizontalpodautoscalers",), APPLY, why="HPA per pool"),

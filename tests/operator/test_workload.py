@@ -249,7 +249,7 @@ def test_user_scheduling_settings_are_kept(ref: ServiceRef) -> None:
 
 
 def test_node_affinity_is_anded_into_user_terms() -> None:
-    user = {
+    user: dict[str, Any] = {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {
                 "nodeSelectorTerms": [
