@@ -118,5 +118,30 @@ if ! is_cached "$po_dest" prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION
   for f in "${po_files[@]}"; do cp "$dir/example/prometheus-operator-crd/$f" "$tmp/"; done
   publish "$tmp" "$po_dest" prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" $((SECONDS - start))
 fi
+# --- prometheus-adapter (custom metrics API for the autoscaling e2e test) -----------------------
+# `go install module@version` asks the proxy for the module's version list (deprecation check),
+# which the proxy here refuses; building inside the downloaded module uses its own go.sum instead.
+pa_dest=$CACHE/bin/prometheus-adapter-$PROMETHEUS_ADAPTER_VERSION
+if ! is_cached "$pa_dest" prometheus-adapter "$PROMETHEUS_ADAPTER_VERSION" prometheus-adapter; then
+  current_step="prometheus-adapter $PROMETHEUS_ADAPTER_VERSION"
+  start=$SECONDS
+  say "building prometheus-adapter $PROMETHEUS_ADAPTER_VERSION"
+  tmp=$(mktemp -d "$CACHE/bin/.prometheus-adapter.XXXXXX")
+  dir=$("$GO" mod download -json "sigs.k8s.io/prometheus-adapter@$PROMETHEUS_ADAPTER_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  (cd "$dir" && "$GO" build -trimpath -ldflags "-s -w" -o "$tmp/prometheus-adapter" ./cmd/adapter)
+  publish "$tmp" "$pa_dest" prometheus-adapter "$PROMETHEUS_ADAPTER_VERSION" $((SECONDS - start))
+fi
+
+# --- KEDA's CRDs (ScaledObject schema check; KEDA itself is not run): YAML from its Go module --
+keda_files=(keda.sh_scaledobjects.yaml keda.sh_triggerauthentications.yaml keda.sh_clustertriggerauthentications.yaml)
+keda_dest=$CACHE/bin/keda-crds-$KEDA_VERSION
+if ! is_cached "$keda_dest" keda-crds "$KEDA_VERSION" "${keda_files[@]}"; then
+  current_step="KEDA CRDs $KEDA_VERSION"
+  start=$SECONDS
+  tmp=$(mktemp -d "$CACHE/bin/.keda-crds.XXXXXX")
+  dir=$("$GO" mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  for f in "${keda_files[@]}"; do cp "$dir/config/crd/bases/$f" "$tmp/"; done
+  publish "$tmp" "$keda_dest" keda-crds "$KEDA_VERSION" $((SECONDS - start))
+fi
 trap - ERR
 say "all binaries ready under $CACHE/bin"

@@ -78,6 +78,9 @@ class ClusterConfig:
     apiserver_port: int | None = None
     start_timeout_seconds: float = 120.0
     binaries: Binaries = field(default_factory=locate_binaries)
+    # Appended to kube-controller-manager's command line, e.g. a short
+    # --horizontal-pod-autoscaler-sync-period for autoscaling tests.
+    controller_manager_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class _Boot:
     deadline: float
     t0: float
     admin_token: str
+    controller_manager_args: tuple[str, ...] = ()
 
 
 class ClusterState(BaseModel):
@@ -135,6 +139,7 @@ def write_pki(layout: Layout) -> str:
         )
         pki.write_private(layout.cert(name), pair.cert_pem)
         pki.write_private(layout.key(name), pair.key_pem)
+    write_front_proxy_pki(layout)
     sa_private, sa_public = pki.build_service_account_key()
     pki.write_private(layout.sa_private_key, sa_private)
     pki.write_private(layout.sa_public_key, sa_public)
@@ -144,6 +149,17 @@ def write_pki(layout: Layout) -> str:
     )
     pki.write_private(layout.token_file, (line + "\n").encode())
     return admin_token
+
+
+def write_front_proxy_pki(layout: Layout) -> None:
+    """A separate CA for the aggregation layer's front proxy (kube-apiserver -> extension API
+    servers), as kubeadm does: a cluster-CA client certificate must not pass as the proxy."""
+    ca = pki.build_ca("rembg-devcluster-front-proxy-ca")
+    pki.write_private(layout.cert(flags.FRONT_PROXY_CA), ca.cert_pem)
+    pki.write_private(layout.key(flags.FRONT_PROXY_CA), ca.key_pem)
+    client = pki.build_client_cert(ca, pki.ClientIdentity(flags.FRONT_PROXY_CLIENT))
+    pki.write_private(layout.cert(flags.FRONT_PROXY_CLIENT), client.cert_pem)
+    pki.write_private(layout.key(flags.FRONT_PROXY_CLIENT), client.key_pem)
 
 
 def write_kubeconfigs(layout: Layout, server: str, admin_token: str) -> None:
@@ -251,6 +267,7 @@ class DevCluster(KubeHandle, ProcessHost):
             deadline=time.monotonic() + config.start_timeout_seconds,
             t0=time.monotonic(),
             admin_token=write_pki(self.layout),
+            controller_manager_args=config.controller_manager_args,
         )
         write_kubeconfigs(self.layout, self.state.server, boot.admin_token)
         self.layout.kwok_config.write_text(yaml.safe_dump(flags.build_kwok_config()))
@@ -280,7 +297,8 @@ class DevCluster(KubeHandle, ProcessHost):
         layout, ports, binaries = self.layout, boot.ports, boot.binaries
         self._start(
             "kube-controller-manager",
-            flags.build_controller_manager_args(binaries.kube_controller_manager, layout, ports),
+            flags.build_controller_manager_args(binaries.kube_controller_manager, layout, ports)
+            + list(boot.controller_manager_args),
         )
         self._start(
             "kube-scheduler", flags.build_scheduler_args(binaries.kube_scheduler, layout, ports)

@@ -24,7 +24,7 @@ from PIL import Image
 from skimage import data
 
 from rembg_devcluster.cluster import ClusterConfig, DevCluster, stop_from_state
-from rembg_devcluster.errors import DevClusterError
+from rembg_devcluster.errors import DevClusterError, KubectlError
 from rembg_devcluster.ports import free_port
 from rembg_devcluster.process import raise_if_dead
 
@@ -71,6 +71,28 @@ def wait_for_http_ok(url: str, timeout: float, cluster: DevCluster, process: str
     raise DevClusterError(
         f"{process} not ready at {url} after {timeout:.0f}s:\n{cluster.log_tail(process)}"
     )
+
+
+def wait_for_ready_service(cluster: DevCluster, name: str, namespace: str) -> None:
+    """Waits for the Ready condition; on timeout says what the resource and the operator report."""
+    resource = f"rembgservice/{name}"
+    try:
+        cluster.wait_for(
+            resource,
+            "-n",
+            namespace,
+            "--for=condition=Ready",
+            timeout=SERVICE_READY_TIMEOUT_SECONDS,
+        )
+    except KubectlError as error:
+        status = cluster.kubectl(
+            "get", resource, "-n", namespace, "-o", "jsonpath={.status}", check=False
+        )
+        raise DevClusterError(
+            f"{resource} not Ready after {SERVICE_READY_TIMEOUT_SECONDS}s ({error}); "
+            f"its status: {status.stdout or '(none)'}\n"
+            f"operator log:\n{cluster.log_tail('operator', 20)}"
+        ) from error
 
 
 def sample_photo_png() -> bytes:
@@ -130,13 +152,7 @@ def _run_on(cluster: DevCluster, example: Path) -> DemoResult:
     namespace = doc["metadata"].get("namespace", "default")
     cluster.apply(example.read_text(), "-n", namespace)
     log.info("demo: applied %s (rembgservice/%s in %s)", example, name, namespace)
-    cluster.wait_for(
-        f"rembgservice/{name}",
-        "-n",
-        namespace,
-        "--for=condition=Ready",
-        timeout=SERVICE_READY_TIMEOUT_SECONDS,
-    )
+    wait_for_ready_service(cluster, name, namespace)
     log.info(f"demo: rembgservice/{name} is Ready; its pods run on KWOK nodes:")
     log.info(
         cluster.kubectl("get", "rembgservice,deploy,pods", "-n", namespace, "-o", "wide").stdout

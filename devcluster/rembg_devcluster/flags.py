@@ -16,6 +16,9 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Label and annotation KWOK uses to tell its fake nodes from real ones.
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_NODE_VALUE = "fake"
+# The aggregation layer's front proxy: its own CA and the client name it presents.
+FRONT_PROXY_CA = "front-proxy-ca"
+FRONT_PROXY_CLIENT = "front-proxy-client"
 
 
 def build_etcd_args(etcd: Path, layout: Layout, ports: Ports) -> list[str]:
@@ -57,7 +60,23 @@ def build_apiserver_args(apiserver: Path, layout: Layout, ports: Ports) -> list[
         # On loopback the endpoint reconciler complains every 10 s; no pod reaches it anyway.
         "--endpoint-reconciler-type=none",
         "--allow-privileged=true",
+        *build_aggregation_layer_args(layout),
         "--v=0",
+    ]
+
+
+def build_aggregation_layer_args(layout: Layout) -> list[str]:
+    """The front proxy of the aggregation layer, for extension API servers (prometheus-adapter's
+    custom.metrics.k8s.io): the apiserver forwards requests with a client certificate signed by
+    a separate CA, and the user in X-Remote-* headers the extension server trusts by that CA."""
+    return [
+        f"--requestheader-client-ca-file={layout.cert(FRONT_PROXY_CA)}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={layout.cert(FRONT_PROXY_CLIENT)}",
+        f"--proxy-client-key-file={layout.key(FRONT_PROXY_CLIENT)}",
     ]
 
 
