@@ -383,10 +383,18 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str | None 
 
 
 def _wipe(state_dir: Path) -> None:
-    """A fresh cluster every time: the state dir only ever holds one cluster's throwaway data."""
-    if state_dir.exists():
+    """A fresh cluster every time: the state dir only ever holds one cluster's throwaway data.
+
+    Only an empty directory or one a previous cluster left (it has state.json) is wiped, so a
+    mistyped --dir never deletes anything else.
+    """
+    if state_dir.exists() and any(state_dir.iterdir()):
+        if not (state_dir / "state.json").exists():
+            raise DevClusterError(
+                f"{state_dir} is not empty and holds no cluster state; pick another --dir"
+            )
         shutil.rmtree(state_dir)
-    state_dir.mkdir(parents=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
 
 
 def stop_from_state(state_dir: Path) -> bool:

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from rembg_devcluster import ClusterConfig, DevCluster
 from rembg_devcluster.binaries import Binaries
-from rembg_devcluster.errors import ComponentDiedError, PortInUseError
+from rembg_devcluster.errors import ComponentDiedError, DevClusterError, PortInUseError
 from rembg_devcluster.ports import ensure_ports_free, free_port, port_is_free
 from rembg_devcluster.process import log_tail, raise_if_dead, spawn, stop
 
@@ -108,3 +108,15 @@ def test_dead_process_error_carries_exit_code_and_log_tail(tmp_path: Path) -> No
     popen.wait(timeout=20)
     with pytest.raises(ComponentDiedError, match=r"(?s)boom died \(exit code 7\).*last words"):
         raise_if_dead(record, popen)
+
+
+def test_a_foreign_non_empty_directory_is_never_wiped(tmp_path: Path) -> None:
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    config = ClusterConfig(
+        state_dir=precious, monitoring_crds=False, binaries=_fake_binaries(tmp_path, "/bin/true")
+    )
+    with pytest.raises(DevClusterError, match="not empty and holds no cluster state"):
+        DevCluster.start(config)
+    assert (precious / "thesis.tex").read_text() == "years of work"
