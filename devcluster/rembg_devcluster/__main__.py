@@ -42,10 +42,10 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    if stop_from_state(args.dir):
-        log.info(f"cluster down: stopped every process recorded in {args.dir}/state.json")
+    if stopped := stop_from_state(args.dir):
+        log.info("cluster down: stopped %s (state in %s)", ", ".join(stopped), args.dir)
     else:
-        log.info(f"cluster down: nothing recorded in {args.dir}; nothing to stop")
+        log.info("cluster down: nothing running from %s", args.dir)
     return 0
 
 

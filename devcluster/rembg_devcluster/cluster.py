@@ -397,13 +397,14 @@ def _wipe(state_dir: Path) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
 
 
-def stop_from_state(state_dir: Path) -> bool:
-    """Stops the cluster recorded in state_dir; False when there was none."""
+def stop_from_state(state_dir: Path) -> list[str]:
+    """Stops the cluster recorded in state_dir; returns the names of processes that were running."""
     state = _read_state(state_dir.resolve() / "state.json")
     if state is None:
-        return False
+        return []
+    running = [p.name for p in state.processes if p.alive()]
     DevCluster(state).stop()
-    return True
+    return running
 
 
 def describe(cluster: DevCluster) -> dict[str, object]:
