@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, JsonValue, model_validator
 from pydantic.alias_generators import to_camel
 
+from rembg_operator.custom_metrics import LATENCY_P95_METRIC, QUEUE_DEPTH_METRIC
+
 API_GROUP = "rembg.io"
 API_VERSION = "v1alpha1"
 KIND = "RembgService"
@@ -314,11 +316,11 @@ class AutoscalingSpec(SpecModel):
         description="Target p95 request latency; unset scales on queue depth only.",
     )
     queue_depth_metric: str = Field(
-        default="rembg_pending_requests",
+        default=QUEUE_DEPTH_METRIC,
         description="Pods metric (per pod) carrying the queue depth.",
     )
     latency_metric: str = Field(
-        default="rembg_request_duration_seconds_p95",
+        default=LATENCY_P95_METRIC,
         description="Pods metric (per pod) carrying the p95 latency, from prometheus-adapter.",
     )
     scale_up: ScalingRules = Field(

@@ -94,7 +94,7 @@ def test_promtool_check_rules(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_prometheus_rule_object_wraps_the_same_groups() -> None:

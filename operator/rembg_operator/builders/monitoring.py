@@ -17,11 +17,17 @@ from rembg_operator.builders.meta import (
     service_selector,
 )
 from rembg_operator.builders.plan import PoolPlan
+from rembg_operator.custom_metrics import (
+    PENDING_BY_POD_RECORD,
+    latency_p95_by_pod_rule,
+    pending_by_pod_rule,
+)
 from rembg_operator.models import RembgServiceSpec
 
 P95_RECORD = "rembg:request_duration_seconds:p95_5m"
 ERROR_RATIO_RECORD = "rembg:request_error_ratio:rate5m"
-PENDING_RECORD = "rembg:pending_requests:sum_by_pod"
+# Per-pod recordings the autoscalers read live in custom_metrics (one place for the adapter too).
+PENDING_RECORD = PENDING_BY_POD_RECORD
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
 
@@ -103,10 +109,8 @@ def _recording_rules(ref: ServiceRef) -> list[Manifest]:
                 f" / sum by ({by}) (rate(rembg_requests_total{{{selector}}}[5m]))"
             ),
         },
-        {
-            "record": PENDING_RECORD,
-            "expr": f"sum by ({by}, pool, pod) (rembg_pending_requests{{{selector}}})",
-        },
+        pending_by_pod_rule(selector),
+        latency_p95_by_pod_rule(selector),
     ]
 
 

@@ -1,0 +1,84 @@
+"""The custom metrics the HPAs scale on: their names, the recording rules behind them, and the
+prometheus-adapter rules that serve those recordings through custom.metrics.k8s.io.
+
+One module for every end of the metrics path, so the ends cannot drift apart:
+- `AutoscalingSpec` defaults to QUEUE_DEPTH_METRIC and LATENCY_P95_METRIC, which `build_hpa`
+  names as Pods metrics;
+- `build_rule_groups` (monitoring.py) records the per-pod series with the rules built here;
+- `build_adapter_config` is prometheus-adapter's rules file; examples/monitoring/ ships it,
+  generated from this function (tests/autoscaling checks the file against it).
+
+The per-pod recordings carry the labels the ServiceMonitor adds (`rembg_service`, `pool`) plus
+the `namespace` and `pod` labels Prometheus' Kubernetes discovery adds; the adapter maps those
+two onto the Pod resource, which is what a Pods metric of an HPA is looked up by.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# No imports from the rest of the package: models.py (the spec defaults) imports this module.
+Manifest = dict[str, Any]
+
+# Pods metrics, as the HPA asks for them (GET .../namespaces/NS/pods/*/<name>).
+QUEUE_DEPTH_METRIC = "rembg_pending_requests"
+LATENCY_P95_METRIC = "rembg_request_duration_seconds_p95"
+
+# Recording rules (one series per pod) the adapter serves under the metric names above.
+PENDING_BY_POD_RECORD = "rembg:pending_requests:sum_by_pod"
+LATENCY_P95_BY_POD_RECORD = "rembg:request_duration_seconds:p95_by_pod_1m"
+# Short, so the HPA sees a latency change within a minute: the autoscaler needs a fast signal,
+# the alerts keep their own 5m p95. With the default 30s scrape interval a 1m rate still
+# holds two samples.
+LATENCY_WINDOW = "1m"
+
+POD_LABELS = "namespace, rembg_service, pool, pod"
+
+
+def pending_by_pod_rule(selector: str) -> Manifest:
+    """Requests admitted and not yet answered, per pod (summed over the pod's models)."""
+    return {
+        "record": PENDING_BY_POD_RECORD,
+        "expr": f"sum by ({POD_LABELS}) (rembg_pending_requests{{{selector}}})",
+    }
+
+
+def latency_p95_by_pod_rule(selector: str) -> Manifest:
+    """p95 request latency per pod over LATENCY_WINDOW; 0 for a pod that answered nothing.
+
+    histogram_quantile of an idle pod is NaN (`>= 0` drops it); the `or` branch then records 0
+    for every pod that exports metrics at all. Without it an idle pool would have no latency
+    series, and the HPA refuses to scale down while any of its metrics is missing.
+    """
+    quantile = (
+        f"histogram_quantile(0.95, sum by ({POD_LABELS}, le) "
+        f"(rate(rembg_request_duration_seconds_bucket{{{selector}}}[{LATENCY_WINDOW}])))"
+    )
+    idle = f"0 * sum by ({POD_LABELS}) (rembg_pending_requests{{{selector}}})"
+    return {"record": LATENCY_P95_BY_POD_RECORD, "expr": f"({quantile} >= 0) or {idle}"}
+
+
+def _pods_rule(record: str, metric: str) -> Manifest:
+    return {
+        "seriesQuery": f'{record}{{namespace!="",pod!=""}}',
+        "resources": {
+            "overrides": {
+                "namespace": {"resource": "namespace"},
+                "pod": {"resource": "pod"},
+            }
+        },
+        "name": {"matches": f"^{record}$", "as": metric},
+        # One series per pod already; max() only collapses duplicates (e.g. two Prometheus
+        # replicas federated into one) without adding them up.
+        "metricsQuery": "max(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)",
+    }
+
+
+def build_adapter_config() -> Manifest:
+    """prometheus-adapter's --config: the two Pods metrics the operator's HPAs use."""
+    return {
+        "rules": [
+            _pods_rule(PENDING_BY_POD_RECORD, QUEUE_DEPTH_METRIC),
+            _pods_rule(LATENCY_P95_BY_POD_RECORD, LATENCY_P95_METRIC),
+        ]
+    }
