@@ -82,3 +82,78 @@ def build_adapter_config() -> Manifest:
             _pods_rule(LATENCY_P95_BY_POD_RECORD, LATENCY_P95_METRIC),
         ]
     }
+
+
+# ---- files shipped in examples/monitoring/ (generated, checked by tests/autoscaling) ---------
+
+GENERATED_HEADER = (
+    "# Generated from rembg_operator/custom_metrics.py by\n"
+    "#   python -m rembg_operator.custom_metrics examples/monitoring\n"
+    "# Do not edit; a test fails when this file and the module disagree.\n"
+)
+# Every RembgService's series: for a Prometheus without the Prometheus Operator, where the
+# per-service PrometheusRule the operator writes is not loaded.
+ALL_SERVICES_SELECTOR = 'rembg_service!=""'
+
+
+def build_recording_rules_file() -> Manifest:
+    return {
+        "groups": [
+            {
+                "name": "rembg.autoscaling",
+                "rules": [
+                    pending_by_pod_rule(ALL_SERVICES_SELECTOR),
+                    latency_p95_by_pod_rule(ALL_SERVICES_SELECTOR),
+                ],
+            }
+        ]
+    }
+
+
+def build_adapter_chart_values() -> Manifest:
+    """Values for the prometheus-community/prometheus-adapter chart: only our rules."""
+    return {"rules": {"default": False, "custom": build_adapter_config()["rules"]}}
+
+
+def render_monitoring_examples() -> dict[str, str]:
+    """File name -> content of every generated file under examples/monitoring/."""
+    import yaml  # noqa: PLC0415 - only the generator needs it, not the operator at run time
+
+    def dump(comment: str, document: Manifest) -> str:
+        return GENERATED_HEADER + comment + yaml.safe_dump(document, sort_keys=False, width=100)
+
+    return {
+        "prometheus-adapter-rules.yaml": dump(
+            "# prometheus-adapter --config: the Pods metrics the operator's HPAs ask for.\n",
+            build_adapter_config(),
+        ),
+        "prometheus-adapter-values.yaml": dump(
+            "# Helm values for prometheus-community/prometheus-adapter (the same rules).\n",
+            build_adapter_chart_values(),
+        ),
+        "recording-rules.yaml": dump(
+            "# Prometheus rule file with the recordings the adapter reads, for every\n"
+            "# RembgService. Not needed with the Prometheus Operator: each RembgService's\n"
+            "# PrometheusRule already holds them.\n",
+            build_recording_rules_file(),
+        ),
+    }
+
+
+def main(argv: list[str]) -> int:
+    from pathlib import Path  # noqa: PLC0415 - CLI only
+
+    if len(argv) != 1:
+        print("usage: python -m rembg_operator.custom_metrics OUTPUT_DIR")  # noqa: T201
+        return 2
+    out = Path(argv[0])
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in render_monitoring_examples().items():
+        (out / name).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
