@@ -185,8 +185,25 @@ def condition(resource: dict[str, Any] | None, kind: str) -> dict[str, Any]:
 
 
 def wait_ready(cluster: Any, namespace: str, name: str, timeout: float = WAIT_SECONDS) -> None:
-    cluster.wait_for(
-        f"rembgservice/{name}", "-n", namespace, "--for=condition=Ready", timeout=timeout
+    """`kubectl wait --for=condition=Ready`, as users do; on timeout, say what was seen."""
+    result = cluster.kubectl(
+        "wait",
+        f"rembgservice/{name}",
+        "-n",
+        namespace,
+        "--for=condition=Ready",
+        f"--timeout={int(timeout)}s",
+        check=False,
+        timeout=timeout + 30,
+    )
+    if result.returncode == 0:
+        return
+    service = get(cluster, namespace, "rembgservice", name)
+    nodes = cluster.kubectl("get", "nodes", check=False).stdout
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    raise AssertionError(
+        f"{name} not Ready after {timeout:.0f}s: {result.stderr}\n"
+        f"status: {json.dumps((service or {}).get('status'), indent=1)}\n{nodes}\n{pods}"
     )
 
 

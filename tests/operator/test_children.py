@@ -166,3 +166,16 @@ def test_examples_build(ref: ServiceRef) -> None:
             assert build_children(ref, spec, ALL).manifests, path
             found += 1
     assert found >= 2
+
+
+def test_fallback_uses_pinned_gpu_replicas_without_autoscaling() -> None:
+    spec = make_spec(
+        gpu={"replicas": 2, "minReplicas": 1, "maxReplicas": 2},
+        autoscaling={"enabled": False},
+        fallback={"cpuPoolWhenNoGpuNodes": True},
+    )
+    _, cpu = plan_pools(spec, gpu_capacity=0)
+    assert cpu.fixed_replicas == 2
+    desired = build_children(ServiceRef("demo", "ns"), spec, Capabilities(gpu_capacity=0))
+    deployment = next(m for m in desired.manifests if m["metadata"]["name"] == "demo-cpu")
+    assert deployment["spec"]["replicas"] == 2

@@ -44,15 +44,22 @@ def plan_pools(spec: RembgServiceSpec, *, gpu_capacity: int | None) -> list[Pool
         plans.append(_cpu_plan(spec, spec.cpu, fallback))
     elif fallback > 0 and spec.gpu is not None:
         # No CPU pool was asked for: one with default settings stands in for the GPU pool.
-        stand_in = CpuPoolSpec(min_replicas=fallback, max_replicas=spec.gpu.max_replicas)
+        stand_in = CpuPoolSpec(
+            replicas=fallback,
+            min_replicas=fallback,
+            max_replicas=max(spec.gpu.max_replicas, fallback),
+        )
         plans.append(_cpu_plan(spec, stand_in, 0, fallback_replicas=fallback))
     return plans
 
 
 def _fallback_replicas(spec: RembgServiceSpec, gpu_capacity: int | None) -> int:
+    """The GPU pool's floor: its minimum when autoscaled, else its pinned replica count."""
     if spec.gpu is None or gpu_capacity != 0 or not spec.fallback.cpu_pool_when_no_gpu_nodes:
         return 0
-    return spec.gpu.min_replicas
+    if spec.autoscaling.enabled:
+        return spec.gpu.min_replicas
+    return spec.gpu.fixed_replicas
 
 
 def _cpu_plan(
