@@ -33,6 +33,9 @@ if ! flock -n 9; then
   flock 9
 fi
 
+# Holding the lock, any temporary build folder left behind is from a build that was killed.
+find "$CACHE/bin" -mindepth 1 -maxdepth 1 -type d -name '.*.??????' -exec rm -rf {} +
+
 stamp() { # name version -> the BUILD_INFO first line every cached build must carry
   echo "recipe=$RECIPE component=$1 version=$2 go=$go_version goexperiment=$GOEXPERIMENT"
 }
@@ -44,6 +47,7 @@ is_cached() { # dir name version files...
 publish() { # tmpdir dir name version seconds: atomically replace dir with tmpdir plus BUILD_INFO
   local tmp=$1 dir=$2 name=$3 version=$4 seconds=$5
   { stamp "$name" "$version"; echo "built_at=$(date -u +%FT%TZ) seconds=$seconds"; } > "$tmp/BUILD_INFO"
+  chmod 755 "$tmp"  # mktemp made it owner-only; the binaries are for every user of the cache
   rm -rf "$dir.old"; [ -e "$dir" ] && mv "$dir" "$dir.old"
   mv "$tmp" "$dir"; rm -rf "$dir.old"
   say "$name $version ready in ${seconds}s -> $dir"
