@@ -10,9 +10,11 @@
   (e.g. no GPU nodes); each is stopped at the end of the session.
 - `namespace` (function): a fresh namespace on `cluster`, ready for pods, deleted afterwards.
 
-Every handle offers .kubeconfig, .kubectl(*args, input=None, check=True), .env, .server,
-.apply(), .get_json(), .wait_for(), .service_account_kubeconfig(), and .spawn()/.kill_process()/
-.stop_process()/.log_tail() for processes that run against it (e.g. `python -m rembg_operator`).
+Every handle offers .kubeconfig, .kubectl(*args, input=None, check=True, kubeconfig=None), .env,
+.server, .ca_pem, .apply(), .get_json(), .exists(), .wait_for(), .install_crds(),
+.create_namespace(), .service_account_kubeconfig() (a TokenRequest identity), and
+.spawn()/.wait_process()/.kill_process()/.stop_process()/.log_tail() for processes that run
+against it (e.g. `python -m rembg_operator`); spawned processes stop before the cluster does.
 """
 
 from __future__ import annotations
