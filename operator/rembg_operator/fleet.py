@@ -216,6 +216,11 @@ class Fleet:
             return known is not None
         return known != seen
 
+    def on_optional_api_changed(self) -> None:
+        self.client.forget_cached()
+        for key in list(self.owners):
+            self.request(key, full=True)
+
     # -- background work -------------------------------------------------------------------
 
     def request(self, key: Key, *, full: bool) -> None:

@@ -67,6 +67,28 @@ async def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_:
         fleet.remember(body)
 
 
+OPTIONAL_CRDS = frozenset(
+    {
+        "servicemonitors.monitoring.coreos.com",
+        "prometheusrules.monitoring.coreos.com",
+        "scaledobjects.keda.sh",
+    }
+)
+
+
+@kopf.on.event(
+    "apiextensions.k8s.io",
+    "v1",
+    "customresourcedefinitions",
+    when=lambda name, **_: name in OPTIONAL_CRDS,
+)
+async def optional_api_changed(type: str | None, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
+    # Monitoring or KEDA installed (or removed) after the services: re-apply them all now
+    # rather than at the next resync. type None is kopf's initial listing: nothing changed.
+    if type is not None:
+        memo.fleet.on_optional_api_changed()
+
+
 def _register_child_watchers() -> None:
     for group, version, plural in CHILD_RESOURCES:
 

@@ -126,13 +126,17 @@ class KubeClient:
             async with response:
                 code = str(response.status)
                 raw = await response.read()
-            payload: dict[str, Any] = json.loads(raw) if raw else {}
+            payload = _json_or_none(raw)
             if response.status >= 300:
+                # Not every error is a Status object: an unserved group answers plain text.
+                status = payload or {}
                 raise ApiError(
                     response.status,
-                    str(payload.get("reason") or response.reason),
-                    str(payload.get("message") or raw[:500]),
+                    str(status.get("reason") or response.reason),
+                    str(status.get("message") or raw[:500].decode(errors="replace")),
                 )
+            if payload is None:
+                raise ApiError(response.status, "BadResponse", f"not JSON: {raw[:200]!r}")
             return payload
         finally:
             metrics.API_REQUESTS.labels(method=method, resource=resource, code=code).inc()
@@ -270,6 +274,16 @@ class KubeClient:
         await self.request(
             "POST", resource_path("v1", "Event", meta["namespace"]), body=event, resource="Event"
         )
+
+
+def _json_or_none(raw: bytes) -> dict[str, Any] | None:
+    if not raw:
+        return {}
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 def gpu_capacity_of(nodes: Sequence[Mapping[str, Any]]) -> int:

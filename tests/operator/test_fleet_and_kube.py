@@ -6,7 +6,13 @@ from typing import Any
 
 import pytest
 from rembg_operator.fleet import essence, merge_patch, parse_spec
-from rembg_operator.kube import RESOURCES, ApiError, gpu_capacity_of, resource_path
+from rembg_operator.kube import (
+    RESOURCES,
+    ApiError,
+    _json_or_none,
+    gpu_capacity_of,
+    resource_path,
+)
 from rembg_operator.rbac import RULES, build_cluster_role, build_namespaced_roles
 
 
@@ -182,3 +188,10 @@ def test_namespaced_roles_split_cluster_scoped_rules() -> None:
     namespaced = {r for rule in role["rules"] for r in rule["resources"]}
     assert "deployments" in namespaced
     assert "nodes" not in namespaced
+
+
+def test_json_or_none() -> None:
+    assert _json_or_none(b"") == {}
+    assert _json_or_none(b'{"a": 1}') == {"a": 1}
+    assert _json_or_none(b"404 page not found") is None
+    assert _json_or_none(b"[1]") is None
