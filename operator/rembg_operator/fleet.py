@@ -179,6 +179,10 @@ class Fleet:
             self.essences.pop(child, None)
         for event_key in [k for k in self.events_posted if k[0] == key]:
             self.events_posted.pop(event_key, None)
+        pending = self._pending.get(key)
+        if pending is None or pending.task is None or pending.task.done():
+            self._pending.pop(key, None)
+            self._locks.pop(key, None)
         metrics.MANAGED_SERVICES.set(len(self.owners))
 
     async def reconcile(self, key: Key) -> None:
@@ -192,15 +196,15 @@ class Fleet:
         meta = body.get("metadata") or {}
         service = (meta.get("labels") or {}).get(SERVICE_LABEL)
         key = (str(meta.get("namespace")), str(service))
-        if key not in self.owners:
-            return
         ck = child_key(body)
         deleted = event_type == "DELETED"
         if ck[0] == "Deployment":
             if deleted:
                 self.deployments.pop((ck[1], ck[2]), None)
-            else:
+            elif key in self.owners:
                 self.deployments[(ck[1], ck[2])] = _slim_deployment(body)
+        if key not in self.owners:
+            return
         seen = None if deleted else essence(body)
         pending = self._pending.get(key)
         if pending is not None and pending.running_full:

@@ -1,0 +1,300 @@
+"""The Fleet's decisions, driven through a recording stand-in for the one API module.
+
+Behaviour against the real API server is in e2e/; here: which events cause applies, which
+only refresh status, and that an invalid spec never touches children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import kopf
+import pytest
+from rembg_operator.builders import Capabilities, ServiceRef, build_children
+from rembg_operator.config import OperatorConfig
+from rembg_operator.fleet import Fleet, ReconcileError
+from rembg_operator.kube import ApiError
+from rembg_operator.models import RembgServiceSpec
+
+
+class RecordingClient:
+    """Answers like the API server would for the calls the Fleet makes, and records them."""
+
+    def __init__(self, *, monitoring: bool = True, gpus: int | None = 4) -> None:
+        self.calls: list[tuple[str, ...]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str]] = []
+        self.monitoring = monitoring
+        self.gpus = gpus
+        self.fail_kinds: set[str] = set()
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("apply", manifest["kind"], manifest["metadata"]["name"]))
+        if manifest["kind"] in self.fail_kinds:
+            raise ApiError(500, "InternalError", "etcd is sad")
+        stored = copy.deepcopy(manifest)
+        stored["metadata"]["generation"] = 1
+        if manifest["kind"] == "Deployment":
+            stored["spec"].setdefault("replicas", 1)
+            stored["status"] = {"observedGeneration": 1}
+        return stored
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        self.calls.append(("delete", kind, name))
+        return True
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.calls.append(("status", name))
+        self.statuses.append(status)
+
+    async def serves(self, group_version: str, plurals: tuple[str, ...], ttl: float) -> bool:
+        return self.monitoring and group_version.startswith("monitoring")
+
+    async def gpu_capacity(self, ttl: float) -> int | None:
+        return self.gpus
+
+    def forget_cached(self, key: str | None = None) -> None:
+        self.calls.append(("forget",))
+
+    async def post_event(
+        self, owner: dict[str, Any], *, warning: bool, reason: str, message: str
+    ) -> None:
+        self.events.append((reason, message))
+
+    def applies(self) -> list[tuple[str, ...]]:
+        return [c for c in self.calls if c[0] == "apply"]
+
+
+def owner(
+    spec: dict[str, Any], generation: int = 1, status: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "rembg.io/v1alpha1",
+        "kind": "RembgService",
+        "metadata": {"name": "demo", "namespace": "ns", "uid": "u-1", "generation": generation},
+        "spec": spec,
+        "status": status or {},
+    }
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def make(client: RecordingClient) -> Fleet:
+    return Fleet(client, OperatorConfig(metrics_port=0, liveness_port=0))  # type: ignore[arg-type]
+
+
+async def _reconciled(
+    client: RecordingClient, spec: dict[str, Any]
+) -> tuple[Fleet, dict[str, Any]]:
+    fleet = make(client)
+    key = fleet.remember(owner(spec))
+    await fleet.reconcile(key)
+    return fleet, owner(spec)
+
+
+def test_full_reconcile_applies_every_child_and_writes_status() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        await _reconciled(client, {"cpu": {}})
+
+    run(scenario())
+    assert sorted(c[1] for c in client.applies()) == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "PrometheusRule",
+        "Service",
+        "ServiceMonitor",
+    ]
+    (status,) = client.statuses
+    assert status["observedGeneration"] == 1
+    assert {i["kind"] for i in status["inventory"]} == {c[1] for c in client.applies()}
+    assert ("Applied", "generation 1 applied") in client.events
+
+
+def test_applied_children_are_owned_by_the_service() -> None:
+    seen: list[dict[str, Any]] = []
+
+    class Capturing(RecordingClient):
+        async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+            seen.append(manifest)
+            return await super().apply(manifest)
+
+    run(_reconciled(Capturing(), {"cpu": {}}))
+    for manifest in seen:
+        (ref,) = manifest["metadata"]["ownerReferences"]
+        assert ref["uid"] == "u-1"
+        assert ref["controller"] is True
+
+
+def test_status_only_child_event_does_not_reapply() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        applied = len(client.applies())
+        stored = await RecordingClient().apply(_deployment_manifest(fleet))
+        stored["status"] = {
+            "observedGeneration": 1,
+            "readyReplicas": 1,
+            "updatedReplicas": 1,
+            "availableReplicas": 1,
+        }
+        fleet.on_child_event("MODIFIED", stored)
+        await _drain(fleet)
+        assert len(client.applies()) == applied
+        ready = {c["type"]: c for c in client.statuses[-1]["conditions"]}["Ready"]
+        assert ready["status"] == "True"
+
+    run(scenario())
+
+
+def test_edited_child_is_reapplied() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        applied = len(client.applies())
+        edited = await RecordingClient().apply(_deployment_manifest(fleet))
+        edited["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+        fleet.on_child_event("MODIFIED", edited)
+        await _drain(fleet)
+        assert len(client.applies()) == 2 * applied
+
+    run(scenario())
+
+
+def test_deleted_child_is_reapplied_but_pruned_one_is_not() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        applied = len(client.applies())
+        gone = await RecordingClient().apply(_deployment_manifest(fleet))
+        fleet.on_child_event("DELETED", gone)
+        await _drain(fleet)
+        assert len(client.applies()) == 2 * applied
+        stranger = copy.deepcopy(gone)
+        stranger["metadata"]["name"] = "demo-gpu"
+        fleet.on_child_event("DELETED", stranger)
+        await _drain(fleet)
+        assert len(client.applies()) == 2 * applied
+
+    run(scenario())
+
+
+def test_removed_pool_is_pruned() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}, "gpu": {}})
+        key = fleet.remember(owner({"cpu": {}}, generation=2, status=client.statuses[-1]))
+        await fleet.reconcile(key)
+
+    run(scenario())
+    deleted = sorted((c[1], c[2]) for c in client.calls if c[0] == "delete")
+    assert deleted == [
+        ("Deployment", "demo-gpu"),
+        ("HorizontalPodAutoscaler", "demo-gpu"),
+        ("PodDisruptionBudget", "demo-gpu"),
+    ]
+
+
+def test_invalid_spec_touches_no_child_and_reports() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        applied = len(client.applies())
+        bad = {"cpu": {"resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "2"}}}}
+        key = fleet.remember(owner(bad, generation=2, status=client.statuses[-1]))
+        await fleet.reconcile(key)
+        assert len(client.applies()) == applied
+        assert not [c for c in client.calls if c[0] == "delete"]
+
+    run(scenario())
+    conditions = {c["type"]: c for c in client.statuses[-1]["conditions"]}
+    assert conditions["Degraded"]["reason"] == "InvalidSpec"
+    assert conditions["Stalled"]["status"] == "True"
+    assert client.statuses[-1]["observedGeneration"] == 2
+    assert client.events[-1][0] == "InvalidSpec"
+    # The status still describes the running pool.
+    assert "cpu" in client.statuses[-1]["pools"]
+
+
+def test_failed_apply_is_reported_retried_and_never_pruned() -> None:
+    client = RecordingClient()
+    client.fail_kinds = {"Service"}
+
+    async def scenario() -> None:
+        fleet = make(client)
+        key = fleet.remember(owner({"cpu": {}}))
+        with pytest.raises(ReconcileError, match="etcd is sad"):
+            await fleet.reconcile(key)
+
+    run(scenario())
+    conditions = {c["type"]: c for c in client.statuses[-1]["conditions"]}
+    assert conditions["Degraded"]["reason"] == "ApplyFailed"
+    assert "Service" in {i["kind"] for i in client.statuses[-1]["inventory"]}
+    assert not [c for c in client.calls if c[0] == "delete"]
+    assert client.events[-1][0] == "ApplyFailed"
+
+
+def test_monitoring_absent_is_skipped_not_failed() -> None:
+    client = RecordingClient(monitoring=False)
+    run(_reconciled(client, {"cpu": {}}))
+    kinds = {c[1] for c in client.applies()}
+    assert "ServiceMonitor" not in kinds
+    reasons = {c["reason"] for c in client.statuses[-1]["unavailableChildren"]}
+    assert reasons == {"CrdMissing"}
+
+
+def test_unchanged_status_is_not_rewritten() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        writes = len(client.statuses)
+        fleet.request(("ns", "demo"), full=False)
+        await _drain(fleet)
+        assert len(client.statuses) == writes
+
+    run(scenario())
+
+
+def test_events_for_other_services_are_ignored() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        applied = len(client.applies())
+        other = await RecordingClient().apply(_deployment_manifest(fleet))
+        other["metadata"]["labels"]["rembg.io/service"] = "someone-else"
+        other["metadata"]["name"] = "someone-else-cpu"
+        fleet.on_child_event("DELETED", other)
+        await _drain(fleet)
+        assert len(client.applies()) == applied
+
+    run(scenario())
+
+
+def _deployment_manifest(fleet: Fleet) -> dict[str, Any]:
+    """The Deployment exactly as the Fleet applied it (what the watch then delivers)."""
+    body = fleet.owners[("ns", "demo")]
+    spec = RembgServiceSpec.model_validate(body["spec"])
+    desired = build_children(ServiceRef("demo", "ns"), spec, Capabilities(True, False, 4))
+    kopf.adopt(desired.manifests, owner=kopf.Body(body))  # type: ignore[arg-type]
+    return next(m for m in desired.manifests if m["kind"] == "Deployment")
+
+
+async def _drain(fleet: Fleet) -> None:
+    for _ in range(50):
+        tasks = [p.task for p in fleet._pending.values() if p.task and not p.task.done()]
+        if not tasks:
+            return
+        await asyncio.gather(*tasks)
