@@ -79,3 +79,16 @@ class ServerMetrics:
             LABELS,
             registry=registry,
         )
+
+    def declare(self, model: str, device: str) -> None:
+        """Exports a model's series from the start, at zero: an idle pod must report a queue
+        depth of 0 (not no series at all), or the HPA cannot compute and never scales down."""
+        for metric in (
+            self.request_duration,
+            self.queue_duration,
+            self.inference_duration,
+            self.batch_size,
+            self.pending_requests,
+            self.pending_megapixels,
+        ):
+            metric.labels(model, device)

@@ -163,6 +163,7 @@ class RemovalService:
             threads=self.settings.resolved_threads(),
             batch_max_size=self.settings.batch_max_size,
             sessions=self.settings.resolved_inference_workers(),
+            cpu_arena=self.settings.cpu_mem_arena,
         )
 
     def _start(self, sessions: list[MaskModel]) -> None:
@@ -191,6 +192,7 @@ class RemovalService:
             worker.start()
         self.models[model.name] = ServedModel(model, queue, workers)
         self.metrics.model_info.labels(*labels, model.provider).set(1)
+        self.metrics.declare(*labels)
         loaded = {"model": model.name, "provider": model.provider, "sessions": len(sessions)}
         log.info("model loaded", extra={"fields": loaded})
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 from rembg_devcluster.metrics_stack import (
     ADAPTER_NAMESPACE,
     ADAPTER_SERVICE,
@@ -33,6 +34,7 @@ from rembg_operator.custom_metrics import (
     render_monitoring_examples,
 )
 from rembg_operator.models import RembgServiceSpec
+from rembg_server.metrics import ServerMetrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "monitoring"
 REF = ServiceRef(name="demo", namespace="team-a")
@@ -204,3 +206,13 @@ def test_apiservices_point_at_the_adapter_with_its_ca() -> None:
 )
 def test_parse_quantity(text: str, value: float) -> None:
     assert parse_quantity(text) == pytest.approx(value)
+
+
+def test_an_idle_server_exports_the_signals_at_zero() -> None:
+    """Before its first request a server must already report queue depth 0 and an empty
+    latency histogram: with no series at all the HPA cannot compute and never scales down."""
+    registry = CollectorRegistry()
+    ServerMetrics(registry).declare("u2netp", "cpu")
+    labels = {"model": "u2netp", "device": "cpu"}
+    assert registry.get_sample_value("rembg_pending_requests", labels) == 0
+    assert registry.get_sample_value("rembg_request_duration_seconds_count", labels) == 0
