@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/bench_server.py            # what `make bench-server` runs
 
-Both servers run on this machine, on 127.0.0.1, with the same model (u2netp from U2NET_HOME)
+Both servers run on this machine, on 127.0.0.1 (started together; each level drives ours, then
+rembg s, so both see the same background load), with the same model (u2netp from U2NET_HOME)
 and are driven through the same endpoint (`POST /api/remove`, multipart, model=u2netp) with
 the same 1920x1080 JPEGs at concurrency 1, 4, 16 and 64: that many closed-loop clients, until a
 bounded number of images is done. A client that gets 429 waits Retry-After and tries again, as
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -222,8 +224,8 @@ async def drive(server: Server, images: list[bytes], concurrency: int, total: in
     )
 
 
-def bench_server(server: Server, images: list[bytes]) -> list[LevelResult]:
-    # Warm both the same way: a few requests before measuring.
+def warm(server: Server, images: list[bytes]) -> None:
+    """The same few requests for both servers before measuring (rembg loads lazily)."""
     for image in images[:3]:
         httpx.post(
             f"{server.url}/api/remove",
@@ -231,11 +233,19 @@ def bench_server(server: Server, images: list[bytes]) -> list[LevelResult]:
             data={"model": MODEL},
             timeout=300,
         ).raise_for_status()
+
+
+def bench_servers(servers: list[Server], images: list[bytes]) -> list[LevelResult]:
+    """Level by level, each server in turn: both see the machine in the same minute, which
+    matters on a shared host where background load comes and goes."""
+    for server in servers:
+        warm(server, images)
     results = []
     for concurrency, total in LEVELS.items():
-        result = asyncio.run(drive(server, images, concurrency, total))
-        print(json.dumps(asdict(result)), flush=True)
-        results.append(result)
+        for server in servers:
+            result = asyncio.run(drive(server, images, concurrency, total))
+            print(json.dumps(asdict(result)), flush=True)
+            results.append(result)
     return results
 
 
@@ -340,19 +350,22 @@ def main() -> int:
         "REMBG_MODELS": MODEL,
         "REMBG_LOG_LEVEL": "warning",
     }
-    command = [sys.executable, "-m", "rembg_server"]
-    with running("ours", command, ours_env, port, "/readyz") as server:
-        ours = bench_server(server, images)
-    theirs: list[LevelResult] = []
-    if not args.skip_rembg:
-        rembg = ensure_rembg_venv()
-        port = free_port()
-        command = [str(rembg), "s", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
-        with running("rembg s", command, base_env, port, "/openapi.json") as server:
-            theirs = bench_server(server, images)
+    with contextlib.ExitStack() as stack:
+        command = [sys.executable, "-m", "rembg_server"]
+        servers = [stack.enter_context(running("ours", command, ours_env, port, "/readyz"))]
+        if not args.skip_rembg:
+            rembg = ensure_rembg_venv()
+            port = free_port()
+            command = [str(rembg), "s", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
+            servers.append(
+                stack.enter_context(running("rembg s", command, base_env, port, "/openapi.json"))
+            )
+        results = bench_servers(servers, images)
+    ours = [r for r in results if r.server == "ours"]
+    theirs = [r for r in results if r.server != "ours"]
     ceiling = model_only_ceiling(model_path, images, threads)
     print()
-    print(markdown(ours + theirs, ceiling))
+    print(markdown(sorted(results, key=lambda r: r.server == "rembg s"), ceiling))
     print()
     if theirs:
         for line in ratios(ours, theirs, ceiling):

@@ -163,6 +163,7 @@ class RemovalService:
             threads=self.settings.resolved_threads(),
             batch_max_size=self.settings.batch_max_size,
             sessions=self.settings.resolved_inference_workers(),
+            cpu_arena=self.settings.cpu_mem_arena,
         )
 
     def _start(self, sessions: list[MaskModel]) -> None:
