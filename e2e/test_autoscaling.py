@@ -116,8 +116,10 @@ class Environment:
 
 
 @pytest.fixture(scope="module")
-def hpa_cluster(cluster_factory: Callable[..., DevCluster]) -> DevCluster:
-    """A cluster whose HPA controller syncs every HPA_SYNC_PERIOD, with KEDA's CRDs."""
+def hpa_cluster(cluster_factory: Callable[..., DevCluster]) -> Iterator[DevCluster]:
+    """A cluster whose HPA controller syncs every HPA_SYNC_PERIOD, with KEDA's CRDs; stopped
+    with everything on it (servers, Prometheus, adapter) when this module is done, so the
+    rest of the session does not share the CPU with it (the factory's stop is then a no-op)."""
     started = cluster_factory(
         gpu_nodes=0,
         controller_manager_args=(
@@ -128,9 +130,12 @@ def hpa_cluster(cluster_factory: Callable[..., DevCluster]) -> DevCluster:
             "--node-monitor-grace-period=10m",
         ),
     )
-    install_crd(started)
-    started.install_crds(sorted(keda_crds_dir().glob("*.yaml")))
-    return started
+    try:
+        install_crd(started)
+        started.install_crds(sorted(keda_crds_dir().glob("*.yaml")))
+        yield started
+    finally:
+        started.stop()
 
 
 @pytest.fixture(scope="module")
