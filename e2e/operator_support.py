@@ -200,7 +200,9 @@ def wait_ready(cluster: Any, namespace: str, name: str, timeout: float = WAIT_SE
         return
     service = get(cluster, namespace, "rembgservice", name)
     nodes = cluster.kubectl("get", "nodes", check=False).stdout
-    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    pods = cluster.kubectl(
+        "get", "deployments,pods", "-n", namespace, "-o", "wide", check=False
+    ).stdout
     raise AssertionError(
         f"{name} not Ready after {timeout:.0f}s: {result.stderr}\n"
         f"status: {json.dumps((service or {}).get('status'), indent=1)}\n{nodes}\n{pods}"
