@@ -317,11 +317,27 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in values.items()}
 
 
+def _rescale_messages(env: Environment, service: str) -> list[str]:
+    """Messages of the HPA controller's SuccessfulRescale events for the pool's HPA."""
+    listing = env.cluster.get_json(
+        "events",
+        "-n",
+        env.namespace,
+        "--field-selector",
+        f"involvedObject.kind=HorizontalPodAutoscaler,involvedObject.name={service}-cpu,"
+        "reason=SuccessfulRescale",
+    )
+    return [str(e.get("message", "")) for e in listing.get("items", [])]
+
+
 def _assert_scaled_by_its_own_signal(env: Environment, scenario: Scenario) -> None:
-    """The HPA's recorded metrics: the scenario's signal is above its target, the other is
-    far below its (unreachable) one, so the other could not have asked for more pods."""
-    current = _hpa_metrics(env, scenario.service)
+    """The HPA controller says why it scaled up (its event names the metric above target),
+    and its recorded value of the other metric is far below that metric's target."""
     other = LATENCY_P95_METRIC if scenario.signal == QUEUE_DEPTH_METRIC else QUEUE_DEPTH_METRIC
+    messages = _rescale_messages(env, scenario.service)
+    assert any(f"pods metric {scenario.signal} above target" in m for m in messages), messages
+    assert not any(f"pods metric {other} above target" in m for m in messages), messages
+    current = _hpa_metrics(env, scenario.service)
     other_target = scenario.latency_target if other == LATENCY_P95_METRIC else scenario.queue_target
     assert set(current) == {QUEUE_DEPTH_METRIC, LATENCY_P95_METRIC}, current
     assert current[other] < other_target / 10, (scenario.service, current)
