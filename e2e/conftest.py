@@ -136,7 +136,7 @@ def bare_namespace(bare_cluster: DevCluster, request: pytest.FixtureRequest) -> 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     """On failure, attach the tail of every process log (operator, servers, control plane)."""
     report = yield
-    if report.when == "call" and report.failed:
+    if report.failed:  # call, or a fixture (setup/teardown) such as a process that never came up
         for fixture_name in ("cluster", "bare_cluster"):
             handle = item.funcargs.get(fixture_name) if hasattr(item, "funcargs") else None
             if isinstance(handle, DevCluster | ExternalCluster):
