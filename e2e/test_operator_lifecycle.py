@@ -285,7 +285,14 @@ def test_delete_garbage_collects_every_child(
         what="the garbage collector to delete every child",
         timeout=180,
     )
-    assert not _pods(cluster, namespace, "fleet", "cpu")
+    # Pods go through graceful termination (preStop drain): gone or on their way out.
+    eventually(
+        lambda: all(
+            p["metadata"].get("deletionTimestamp")
+            for p in _pods(cluster, namespace, "fleet", "cpu")
+        ),
+        what="the pods to be deleted with their ReplicaSets",
+    )
 
 
 def test_operator_restart_resumes_without_churn(
