@@ -245,6 +245,8 @@ async def bench(sizes: list[int], cpu_nodes: int, kubeconfig: Path | None) -> in
 
 def _add_nodes(cluster: ExternalCluster, count: int) -> None:
     """KWOK CPU nodes for the bench pods (an existing cluster may have too few)."""
+    if count == 0:
+        return
     nodes = [build_kwok_node(f"bench-cpu-{i}", "cpu") for i in range(count)]
     # KWOK nodes carry a partial status.nodeInfo, which client-side validation refuses.
     listing = json.dumps({"apiVersion": "v1", "kind": "List", "items": nodes})
