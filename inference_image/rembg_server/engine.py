@@ -74,7 +74,7 @@ class ModelLoadError(Exception):
 # Local rembg models whose session reads exactly <name>.onnx and whose digest rembg pins.
 # Excluded: remote backends, models needing credentials or a user-supplied path (*_custom),
 # SAM (two files and prompts; it does not fit a remove endpoint) and birefnet-general-fp16
-# (rembg converts it on first use; bake its converted file with an explicit checksum instead).
+# (rembg converts it on first use, so no published digest exists).
 # tests/server/test_engine.py checks every name against rembg's own session registry.
 SERVABLE_MODELS = frozenset(KNOWN_DIGESTS)
 
