@@ -11,7 +11,8 @@ from pathlib import Path
 from rembg_devcluster.layout import Layout, Ports
 
 LOOPBACK = "127.0.0.1"
-SERVICE_CIDR = "10.0.0.0/24"
+# A /16: the operator benchmark creates 500 Services, more than a /24 holds.
+SERVICE_CIDR = "10.0.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 # Label and annotation KWOK uses to tell its fake nodes from real ones.
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
@@ -134,6 +135,9 @@ def build_kwok_args(binary: Path, layout: Layout) -> list[str]:
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}={KWOK_NODE_VALUE}",
         f"--node-ip={LOOPBACK}",
         "--cidr=10.244.0.0/16",
+        # Without leases KWOK renews node status only every 20-60 s; past the controller-manager's
+        # 50 s grace every node (and so every pod) turns NotReady and KWOK never sets pods back.
+        "--node-lease-duration-seconds=40",
     ]
 
 
