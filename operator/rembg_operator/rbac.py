@@ -56,6 +56,13 @@ RULES: tuple[Rule, ...] = (
     Rule("", ("events",), ("create",), why="Events on the RembgService"),
     Rule("", ("nodes",), ("list",), cluster_scoped=True, why="allocatable GPU capacity"),
     Rule(
+        "",
+        ("namespaces",),
+        ("list", "watch"),
+        cluster_scoped=True,
+        why="kopf observes namespaces when it watches a list of them",
+    ),
+    Rule(
         "apiextensions.k8s.io",
         ("customresourcedefinitions",),
         WATCH,

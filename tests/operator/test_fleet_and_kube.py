@@ -184,7 +184,7 @@ def test_namespaced_roles_split_cluster_scoped_rules() -> None:
     role, cluster_role = build_namespaced_roles()
     assert role["kind"] == "Role"
     cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
-    assert cluster_resources == {"nodes", "customresourcedefinitions"}
+    assert cluster_resources == {"nodes", "namespaces", "customresourcedefinitions"}
     namespaced = {r for rule in role["rules"] for r in rule["resources"]}
     assert "deployments" in namespaced
     assert "nodes" not in namespaced
