@@ -101,6 +101,9 @@ def build_controller_manager_args(binary: Path, layout: Layout, ports: Ports) ->
         f"--cluster-signing-cert-file={layout.ca_cert}",
         f"--cluster-signing-key-file={layout.ca_key}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
+        # Fake nodes only go NotReady when our own processes are starved of CPU: be patient
+        # rather than mark every pod NotReady (which stalls Deployments) on a busy CI host.
+        "--node-monitor-grace-period=2m",
         # Every controller: deployments, replicasets, garbage collector, HPA, disruption, ...
         "--controllers=*",
         "--v=0",
@@ -134,6 +137,9 @@ def build_kwok_args(binary: Path, layout: Layout) -> list[str]:
         "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}={KWOK_NODE_VALUE}",
         f"--node-ip={LOOPBACK}",
+        # Node leases renewed every 10 s keep fake nodes Ready even when CI starves KWOK of CPU
+        # (status heartbeats come only every 20-45 s, close to the 50 s grace period).
+        "--node-lease-duration-seconds=40",
         "--cidr=10.244.0.0/16",
         # Without leases KWOK renews node status only every 20-60 s; past the controller-manager's
         # 50 s grace every node (and so every pod) turns NotReady and KWOK never sets pods back.
