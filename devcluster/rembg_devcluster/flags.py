@@ -137,9 +137,6 @@ def build_kwok_args(binary: Path, layout: Layout) -> list[str]:
         "--manage-all-nodes=false",
         f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}={KWOK_NODE_VALUE}",
         f"--node-ip={LOOPBACK}",
-        # Node leases renewed every 10 s keep fake nodes Ready even when CI starves KWOK of CPU
-        # (status heartbeats come only every 20-45 s, close to the 50 s grace period).
-        "--node-lease-duration-seconds=40",
         "--cidr=10.244.0.0/16",
         # Without leases KWOK renews node status only every 20-60 s; past the controller-manager's
         # 50 s grace every node (and so every pod) turns NotReady and KWOK never sets pods back.
