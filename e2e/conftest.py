@@ -31,6 +31,8 @@ from rembg_devcluster import ClusterConfig, DevCluster
 from rembg_devcluster.external import ExternalCluster
 from rembg_devcluster.kube import KubeHandle
 
+from e2e.operator_support import OperatorProcess, install_crd, running_operator
+
 EXTERNAL_KUBECONFIG_ENV = "REMBG_E2E_KUBECONFIG"
 Cluster = DevCluster | ExternalCluster
 
@@ -145,3 +147,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                     (f"{fixture_name} logs", _print_logs_on_failure(handle, names))
                 )
     return report
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: Cluster) -> Cluster:
+    """The session cluster with our CRD installed (idempotent, so once per module is cheap)."""
+    install_crd(cluster)
+    return cluster
+
+
+@pytest.fixture
+def operator(crd: Cluster, namespace: str) -> Iterator[OperatorProcess]:
+    """`python -m rembg_operator` as a real process watching the test's namespace."""
+    with running_operator(crd, namespace) as running:
+        yield running

@@ -8,10 +8,7 @@ Each test runs `python -m rembg_operator` as a real process watching its own nam
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
-
-import pytest
 
 from e2e.operator_support import (
     OperatorProcess,
@@ -20,25 +17,11 @@ from e2e.operator_support import (
     eventually,
     example,
     get,
-    install_crd,
     kubectl_apply,
     rembg_service,
-    running_operator,
     wait_condition,
     wait_ready,
 )
-
-
-@pytest.fixture(scope="module")
-def crd(cluster: Any) -> Any:
-    install_crd(cluster)
-    return cluster
-
-
-@pytest.fixture
-def operator(crd: Any, namespace: str) -> Iterator[OperatorProcess]:
-    with running_operator(crd, namespace) as running:
-        yield running
 
 
 def _deployment(cluster: Any, namespace: str, name: str) -> dict[str, Any] | None:

@@ -29,18 +29,6 @@ from e2e.operator_support import (
 )
 
 
-@pytest.fixture(scope="module")
-def crd(cluster: Any) -> Any:
-    install_crd(cluster)
-    return cluster
-
-
-@pytest.fixture
-def operator(crd: Any, namespace: str) -> Iterator[OperatorProcess]:
-    with running_operator(crd, namespace) as running:
-        yield running
-
-
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
