@@ -291,15 +291,15 @@ class Fleet:
         finally:
             metrics.RECONCILE_DURATION.observe(time.perf_counter() - started)
             pending.running_full = False
-            self._judge_deferred(pending)
+            self._judge_deferred(key, pending)
 
-    def _judge_deferred(self, pending: _Pending) -> None:
-        for ck, seen in pending.deferred.items():
-            if self._needs_full(ck, seen):
-                pending.full = True
-            else:
-                pending.status = True
-        pending.deferred.clear()
+    def _judge_deferred(self, key: Key, pending: _Pending) -> None:
+        # Through request(), not bare flags: a full reconcile run by a kopf handler has no
+        # _work loop behind it, and a child's last status change (a pod turning Ready) that
+        # arrived meanwhile would otherwise wait for the next unrelated event.
+        deferred, pending.deferred = pending.deferred, {}
+        for ck, seen in deferred.items():
+            self.request(key, full=self._needs_full(ck, seen))
 
     async def _apply_owner(self, key: Key, owner: dict[str, Any]) -> str:
         ref = ServiceRef(name=key[1], namespace=key[0])

@@ -154,6 +154,43 @@ def test_status_only_child_event_does_not_reapply() -> None:
     run(scenario())
 
 
+def test_child_status_change_during_a_handler_reconcile_reaches_status() -> None:
+    """A pod turning Ready while kopf's handler runs the full reconcile (after its status write)
+    must still be reported: regression for a RembgService stuck at `cpu 1/2 ready`."""
+    fleets: list[Fleet] = []
+    ready_deployment: list[dict[str, Any]] = []
+
+    class EventDuringReconcile(RecordingClient):
+        async def post_event(
+            self, owner: dict[str, Any], *, warning: bool, reason: str, message: str
+        ) -> None:
+            await super().post_event(owner, warning=warning, reason=reason, message=message)
+            if ready_deployment:
+                fleets[0].on_child_event("MODIFIED", ready_deployment.pop())
+
+    client = EventDuringReconcile()
+
+    async def scenario() -> None:
+        fleet = make(client)
+        fleets.append(fleet)
+        key = fleet.remember(owner({"cpu": {}}))
+        stored = await RecordingClient().apply(_deployment_manifest_for(owner({"cpu": {}})))
+        stored["status"] = {
+            "observedGeneration": 1,
+            "readyReplicas": 1,
+            "updatedReplicas": 1,
+            "availableReplicas": 1,
+        }
+        ready_deployment.append(stored)
+        await fleet.reconcile(key)
+        assert not ready_deployment, "the event was not delivered mid-reconcile"
+        await _drain(fleet)
+        ready = {c["type"]: c for c in client.statuses[-1]["conditions"]}["Ready"]
+        assert ready["status"] == "True"
+
+    run(scenario())
+
+
 def test_edited_child_is_reapplied() -> None:
     client = RecordingClient()
 
@@ -285,7 +322,10 @@ def test_events_for_other_services_are_ignored() -> None:
 
 def _deployment_manifest(fleet: Fleet) -> dict[str, Any]:
     """The Deployment exactly as the Fleet applied it (what the watch then delivers)."""
-    body = fleet.owners[("ns", "demo")]
+    return _deployment_manifest_for(fleet.owners[("ns", "demo")])
+
+
+def _deployment_manifest_for(body: dict[str, Any]) -> dict[str, Any]:
     spec = RembgServiceSpec.model_validate(body["spec"])
     desired = build_children(ServiceRef("demo", "ns"), spec, Capabilities(True, False, 4))
     kopf.adopt(desired.manifests, owner=kopf.Body(body))  # type: ignore[arg-type]
