@@ -81,8 +81,10 @@ def build_aggregation_layer_args(layout: Layout) -> list[str]:
     ]
 
 
-def build_controller_manager_args(binary: Path, layout: Layout, ports: Ports) -> list[str]:
-    kubeconfig = layout.component_kubeconfig("kube-controller-manager")
+def _secure_component_args(binary: Path, layout: Layout, name: str, port: int) -> list[str]:
+    """What kube-controller-manager and kube-scheduler share: their own client identity, a TLS
+    serving port on loopback, and no leader election (one replica of each)."""
+    kubeconfig = layout.component_kubeconfig(name)
     return [
         str(binary),
         f"--kubeconfig={kubeconfig}",
@@ -90,10 +92,18 @@ def build_controller_manager_args(binary: Path, layout: Layout, ports: Ports) ->
         f"--authorization-kubeconfig={kubeconfig}",
         "--authentication-skip-lookup=true",
         f"--bind-address={LOOPBACK}",
-        f"--secure-port={ports.controller_manager}",
-        f"--tls-cert-file={layout.cert('kube-controller-manager-serving')}",
-        f"--tls-private-key-file={layout.key('kube-controller-manager-serving')}",
+        f"--secure-port={port}",
+        f"--tls-cert-file={layout.cert(f'{name}-serving')}",
+        f"--tls-private-key-file={layout.key(f'{name}-serving')}",
         "--leader-elect=false",
+    ]
+
+
+def build_controller_manager_args(binary: Path, layout: Layout, ports: Ports) -> list[str]:
+    return [
+        *_secure_component_args(
+            binary, layout, "kube-controller-manager", ports.controller_manager
+        ),
         # One identity for every controller: it is in system:masters, so no per-controller RBAC.
         "--use-service-account-credentials=false",
         f"--service-account-private-key-file={layout.sa_private_key}",
@@ -111,18 +121,8 @@ def build_controller_manager_args(binary: Path, layout: Layout, ports: Ports) ->
 
 
 def build_scheduler_args(binary: Path, layout: Layout, ports: Ports) -> list[str]:
-    kubeconfig = layout.component_kubeconfig("kube-scheduler")
     return [
-        str(binary),
-        f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}",
-        f"--authorization-kubeconfig={kubeconfig}",
-        "--authentication-skip-lookup=true",
-        f"--bind-address={LOOPBACK}",
-        f"--secure-port={ports.scheduler}",
-        f"--tls-cert-file={layout.cert('kube-scheduler-serving')}",
-        f"--tls-private-key-file={layout.key('kube-scheduler-serving')}",
-        "--leader-elect=false",
+        *_secure_component_args(binary, layout, "kube-scheduler", ports.scheduler),
         "--v=0",
     ]
 
