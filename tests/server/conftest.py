@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rembg_server.app import create_app
 from rembg_server.settings import Settings
 from skimage import data
+
+from tests.server.processes import RedisServer
 
 MODEL_DIR = Path(os.environ.get("U2NET_HOME", "~/.u2net")).expanduser()
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
@@ -124,3 +126,12 @@ def png() -> Callable[[bytes], Image.Image]:
 @pytest.fixture
 def alpha_diff() -> Callable[[Image.Image, Image.Image], float]:
     return mean_abs_diff
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh, durable redis-server per test (AOF, fsync on every write)."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()

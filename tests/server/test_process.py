@@ -3,95 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-        )
-
-    def log_lines(self) -> list[str]:
-        return self.log.read_text().splitlines()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def wait_for(condition: Callable[[], bool], attempts: int = 600, what: str = "condition") -> None:
-    """Poll a bounded number of times (not a timing assertion)."""
-    for _ in range(attempts):
-        if condition():
-            return
-        time.sleep(0.1)
-    pytest.fail(f"{what} never happened")
-
-
-def start_server(model_dir: Path, tmp_path: Path, **env: str) -> ServerProcess:
-    port = free_port()
-    log = tmp_path / f"server-{port}.log"
-    environment = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "U2NET_HOME": str(model_dir),
-        "REMBG_HOST": "127.0.0.1",
-        "REMBG_PORT": str(port),
-        "REMBG_WARMUP_RUNS": "1",
-        "REMBG_LOG_FORMAT": "json",
-        **env,
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "rembg_server"], env=environment, stdout=out, stderr=out
-        )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            pytest.fail(f"server exited early:\n{log.read_text()}")
-        try:
-            return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(ready, what="readiness")
-    return server
+from tests.server.processes import ServerProcess, start_server, wait_for
 
 
 @pytest.fixture(scope="module")

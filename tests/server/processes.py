@@ -1,0 +1,175 @@
+"""Real processes for server tests: `python -m rembg_server` under uvicorn, and redis-server.
+
+Shared by the process tests and the job-path tests; both start the real binaries on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for(condition: Callable[[], bool], attempts: int = 600, what: str = "condition") -> None:
+    """Poll a bounded number of times, 0.1 s apart (not a timing assertion)."""
+    for _ in range(attempts):
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what} never happened")
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+        )
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup, exactly what an OOM kill or a node loss does."""
+        self.process.kill()
+        self.process.wait()
+
+
+def start_server(
+    model_dir: Path, tmp_path: Path, *, wait_ready: bool = True, **env: str
+) -> ServerProcess:
+    port = free_port()
+    log = tmp_path / f"server-{port}.log"
+    environment = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "U2NET_HOME": str(model_dir),
+        "REMBG_HOST": "127.0.0.1",
+        "REMBG_PORT": str(port),
+        "REMBG_WARMUP_RUNS": "1",
+        "REMBG_LOG_FORMAT": "json",
+        **env,
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rembg_server"], env=environment, stdout=out, stderr=out
+        )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log)
+    if wait_ready:
+        wait_until_ready(server)
+    return server
+
+
+def wait_until_ready(server: ServerProcess) -> None:
+    def ready() -> bool:
+        if server.process.poll() is not None:
+            pytest.fail(f"server exited early:\n{server.log.read_text()}")
+        try:
+            return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(ready, what="readiness")
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on 127.0.0.1, durable the way the job path documents: AOF with
+    `appendfsync always`, so whatever it acknowledged survives a kill and a restart."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if shutil.which(REDIS_SERVER) is None:
+            pytest.fail(f"{REDIS_SERVER} is missing: run `make system-deps` (apt redis-server)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = (self.directory / "redis.log").open("ab")
+        command = [
+            REDIS_SERVER,
+            "--bind", "127.0.0.1",
+            "--port", str(self.port),
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "yes",
+            "--appendfsync", "always",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        with log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        wait_for(self.ping, what=f"redis-server on port {self.port}")
+
+    def ping(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            log = (self.directory / "redis.log").read_text()
+            pytest.fail(f"redis-server exited:\n{log[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: only what the AOF already holds survives."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
