@@ -1,4 +1,5 @@
-"""Prometheus and prometheus-adapter beside the local control plane: the custom metrics API.
+"""Prometheus and prometheus-adapter beside the local control plane: the custom and external
+metrics APIs.
 
     stack = MetricsStack.start(cluster, workdir, adapter_config, servers=["127.0.0.1:8081"])
     stack.sync()            # pods -> scrape targets, PrometheusRules -> rule files
@@ -9,8 +10,9 @@ What is real: Prometheus (Debian's `prometheus`, /usr/bin/prometheus) scraping r
 `rembg_server` processes and evaluating the recording rules of the PrometheusRule objects the
 operator wrote (read from the API server, as the Prometheus Operator would); prometheus-adapter
 (built from sigs.k8s.io/prometheus-adapter, cached like the control plane) registered through
-the aggregation layer as `custom.metrics.k8s.io` v1beta1 and v1beta2; kube-controller-manager's
-HPA controller reading it.
+the aggregation layer as `custom.metrics.k8s.io` v1beta1 and v1beta2 and as
+`external.metrics.k8s.io` v1beta1 (its `externalRules`); kube-controller-manager's HPA
+controller reading them.
 
 What is scaffolding (the KWOK mapping): pods on this control plane are simulated by KWOK and
 run nothing, so there is no pod IP to scrape. Each Running pod that carries the operator's
@@ -42,6 +44,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import yaml
@@ -59,6 +62,13 @@ ADAPTER_NAMESPACE = "rembg-monitoring"
 ADAPTER_SERVICE = "prometheus-adapter"
 CUSTOM_METRICS_GROUP = "custom.metrics.k8s.io"
 CUSTOM_METRICS_VERSIONS = ("v1beta1", "v1beta2")
+EXTERNAL_METRICS_GROUP = "external.metrics.k8s.io"
+EXTERNAL_METRICS_VERSIONS = ("v1beta1",)
+# Every (group, version) the adapter serves, each registered as one APIService.
+ADAPTER_API_VERSIONS = (
+    *((CUSTOM_METRICS_GROUP, v) for v in CUSTOM_METRICS_VERSIONS),
+    *((EXTERNAL_METRICS_GROUP, v) for v in EXTERNAL_METRICS_VERSIONS),
+)
 SERVICE_LABEL = "rembg.io/service"
 POOL_LABEL = "rembg.io/pool"
 JOB_NAME = "rembg-kwok-pods"
@@ -208,8 +218,15 @@ def rule_groups_from_listing(listing: Mapping[str, Any]) -> list[dict[str, Any]]
     return groups
 
 
+def _version_priority(group: str, version: str) -> int:
+    """Later versions of a group rank higher (v1beta2 over v1beta1 for custom metrics)."""
+    versions = [v for g, v in ADAPTER_API_VERSIONS if g == group]
+    return 100 + 100 * versions.index(version)
+
+
 def build_apiservice_manifests(port: int, ca_pem: bytes) -> list[dict[str, Any]]:
-    """Namespace, ExternalName Service (-> localhost:port) and one APIService per version.
+    """Namespace, ExternalName Service (-> localhost:port) and one APIService per group version
+    the adapter serves (custom metrics v1beta1/v1beta2, external metrics v1beta1).
 
     An ExternalName Service: the aggregator resolves it to https://localhost:port directly,
     with no kube-proxy or cluster IP route (neither exists here). TLS is verified against
@@ -230,17 +247,17 @@ def build_apiservice_manifests(port: int, ca_pem: bytes) -> list[dict[str, Any]]
         {
             "apiVersion": "apiregistration.k8s.io/v1",
             "kind": "APIService",
-            "metadata": {"name": f"{version}.{CUSTOM_METRICS_GROUP}"},
+            "metadata": {"name": f"{version}.{group}"},
             "spec": {
-                "group": CUSTOM_METRICS_GROUP,
+                "group": group,
                 "version": version,
                 "service": {"name": ADAPTER_SERVICE, "namespace": ADAPTER_NAMESPACE, "port": port},
                 "caBundle": base64.b64encode(ca_pem).decode(),
                 "groupPriorityMinimum": 100,
-                "versionPriority": 100 + 100 * index,
+                "versionPriority": _version_priority(group, version),
             },
         }
-        for index, version in enumerate(CUSTOM_METRICS_VERSIONS)
+        for group, version in ADAPTER_API_VERSIONS
     ]
     return [namespace, service, *apiservices]
 
@@ -379,17 +396,15 @@ class MetricsStack:
         ca_pem = (self.workdir / "adapter-ca.crt").read_bytes()
         self.cluster.apply(build_apiservice_manifests(self.adapter_port, ca_pem))
         _wait(
-            "custom.metrics.k8s.io APIService",
+            "custom.metrics.k8s.io and external.metrics.k8s.io APIServices",
             timeout,
             self._api_served,
             lambda: self.cluster.log_tail(ADAPTER_NAME),
         )
 
     def _api_served(self) -> bool:
-        for version in CUSTOM_METRICS_VERSIONS:
-            result = self.cluster.kubectl(
-                "get", "--raw", f"/apis/{CUSTOM_METRICS_GROUP}/{version}", check=False
-            )
+        for group, version in ADAPTER_API_VERSIONS:
+            result = self.cluster.kubectl("get", "--raw", f"/apis/{group}/{version}", check=False)
             if result.returncode != 0:
                 return False
         return True
@@ -452,6 +467,18 @@ class MetricsStack:
         items = json.loads(result.stdout).get("items", [])
         return {i["describedObject"]["name"]: parse_quantity(i["value"]) for i in items}
 
+    def external_metric(self, namespace: str, metric: str, selector: str) -> list[float]:
+        """External metric values as the HPA controller reads them (labelSelector = selector)."""
+        path = (
+            f"/apis/{EXTERNAL_METRICS_GROUP}/v1beta1/namespaces/{namespace}/{metric}"
+            f"?labelSelector={quote(selector)}"
+        )
+        result = self.cluster.kubectl("get", "--raw", path, check=False)
+        if result.returncode != 0:
+            return []
+        items = json.loads(result.stdout).get("items", [])
+        return [parse_quantity(i["value"]) for i in items]
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -460,7 +487,7 @@ class MetricsStack:
             self.cluster.kubectl(
                 "delete",
                 "apiservice",
-                *(f"{v}.{CUSTOM_METRICS_GROUP}" for v in CUSTOM_METRICS_VERSIONS),
+                *(f"{version}.{group}" for group, version in ADAPTER_API_VERSIONS),
                 "--ignore-not-found",
                 check=False,
             )

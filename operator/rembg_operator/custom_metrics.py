@@ -1,5 +1,6 @@
-"""The custom metrics the HPAs scale on: their names, the recording rules behind them, and the
-prometheus-adapter rules that serve those recordings through custom.metrics.k8s.io.
+"""The custom and external metrics the HPAs scale on: their names, the recording rules behind
+them, and the prometheus-adapter rules that serve those recordings through custom.metrics.k8s.io
+(per-pod signals) and external.metrics.k8s.io (the job backlog).
 
 One module for every end of the metrics path, so the ends cannot drift apart:
 - `AutoscalingSpec` defaults to QUEUE_DEPTH_METRIC and LATENCY_P95_METRIC, which `build_hpa`
@@ -11,6 +12,11 @@ One module for every end of the metrics path, so the ends cannot drift apart:
 The per-pod recordings carry the labels the ServiceMonitor adds (`rembg_service`, `pool`) plus
 the `namespace` and `pod` labels Prometheus' Kubernetes discovery adds; the adapter maps those
 two onto the Pod resource, which is what a Pods metric of an HPA is looked up by.
+
+The job backlog is not a per-pod quantity: every replica exports the same fleet-wide XLEN of
+the service's job stream. Its recording keeps one series per service (max, not sum, over the
+replicas), and the adapter serves it as an External metric that the HPA selects by the
+`rembg_service` label inside its own namespace.
 """
 
 from __future__ import annotations
@@ -33,6 +39,12 @@ LATENCY_P95_BY_POD_RECORD = "rembg:request_duration_seconds:p95_by_pod_1m"
 LATENCY_WINDOW = "1m"
 
 POD_LABELS = "namespace, rembg_service, pool, pod"
+
+# External metric (GET /apis/external.metrics.k8s.io/v1beta1/namespaces/NS/<name>?labelSelector=
+# rembg_service=<service>), recorded once per service.
+JOBS_BACKLOG_METRIC = "rembg_jobs_backlog"
+JOBS_BACKLOG_RECORD = "rembg:jobs_backlog:max"
+SERVICE_LABELS = "namespace, rembg_service"
 
 
 def pending_by_pod_rule(selector: str) -> Manifest:
@@ -58,6 +70,15 @@ def latency_p95_by_pod_rule(selector: str) -> Manifest:
     return {"record": LATENCY_P95_BY_POD_RECORD, "expr": f"({quantile} >= 0) or {idle}"}
 
 
+def jobs_backlog_rule(selector: str) -> Manifest:
+    """Unfinished jobs (queued + running) per service: every replica samples the same stream,
+    so max() keeps the value once (sum() would multiply it by the replica count)."""
+    return {
+        "record": JOBS_BACKLOG_RECORD,
+        "expr": f"max by ({SERVICE_LABELS}) (rembg_jobs_backlog{{{selector}}})",
+    }
+
+
 def _pods_rule(record: str, metric: str) -> Manifest:
     return {
         "seriesQuery": f'{record}{{namespace!="",pod!=""}}',
@@ -74,13 +95,28 @@ def _pods_rule(record: str, metric: str) -> Manifest:
     }
 
 
+def _external_rule(record: str, metric: str) -> Manifest:
+    return {
+        "seriesQuery": f'{record}{{namespace!="",rembg_service!=""}}',
+        # Mapping `namespace` keeps the metric namespaced: the adapter adds the HPA's namespace
+        # to the query, so an HPA never reads another namespace's backlog.
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}}},
+        "name": {"matches": f"^{record}$", "as": metric},
+        # One series per service already (the HPA's selector names the service); max() only
+        # collapses duplicates, as for the Pods metrics.
+        "metricsQuery": f"max(<<.Series>>{{<<.LabelMatchers>>}}) by ({SERVICE_LABELS})",
+    }
+
+
 def build_adapter_config() -> Manifest:
-    """prometheus-adapter's --config: the two Pods metrics the operator's HPAs use."""
+    """prometheus-adapter's --config: the two Pods metrics and the External metric the
+    operator's HPAs use."""
     return {
         "rules": [
             _pods_rule(PENDING_BY_POD_RECORD, QUEUE_DEPTH_METRIC),
             _pods_rule(LATENCY_P95_BY_POD_RECORD, LATENCY_P95_METRIC),
-        ]
+        ],
+        "externalRules": [_external_rule(JOBS_BACKLOG_RECORD, JOBS_BACKLOG_METRIC)],
     }
 
 
@@ -104,6 +140,7 @@ def build_recording_rules_file() -> Manifest:
                 "rules": [
                     pending_by_pod_rule(ALL_SERVICES_SELECTOR),
                     latency_p95_by_pod_rule(ALL_SERVICES_SELECTOR),
+                    jobs_backlog_rule(ALL_SERVICES_SELECTOR),
                 ],
             }
         ]
@@ -112,7 +149,10 @@ def build_recording_rules_file() -> Manifest:
 
 def build_adapter_chart_values() -> Manifest:
     """Values for the prometheus-community/prometheus-adapter chart: only our rules."""
-    return {"rules": {"default": False, "custom": build_adapter_config()["rules"]}}
+    config = build_adapter_config()
+    return {
+        "rules": {"default": False, "custom": config["rules"], "external": config["externalRules"]}
+    }
 
 
 def render_monitoring_examples() -> dict[str, str]:
@@ -124,7 +164,8 @@ def render_monitoring_examples() -> dict[str, str]:
 
     return {
         "prometheus-adapter-rules.yaml": dump(
-            "# prometheus-adapter --config: the Pods metrics the operator's HPAs ask for.\n",
+            "# prometheus-adapter --config: the Pods and External metrics the operator's HPAs\n"
+            "# ask for.\n",
             build_adapter_config(),
         ),
         "prometheus-adapter-values.yaml": dump(

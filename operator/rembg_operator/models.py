@@ -54,6 +54,15 @@ QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTP
 DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
 LABEL_KEY_PATTERN = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+# A Secret's name (DNS subdomain) and the keys of its data map (core/v1 rules); patterns, not
+# secrets (hence the S105 waivers).
+SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # noqa: S105
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # noqa: S105
+OPTIONAL_SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]*$"  # noqa: S105
+# `host`, `host:port` or `*.domain`, as the server's webhook allow-list matches them; no commas
+# (the list travels as one comma-separated variable).
+WEBHOOK_HOST_PATTERN = r"^(\*\.)?[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?(:[0-9]{1,5})?$"
+KEY_PREFIX_PATTERN = r"^[A-Za-z0-9][-A-Za-z0-9_.:]*$"
 
 
 def _quantity_to_str(value: object) -> object:
@@ -427,6 +436,19 @@ class AlertThresholds(SpecModel):
         default="5m", description="`for` of RembgNoReadyReplicas."
     )
     gpu_fallback_for: Duration = Field(default="5m", description="`for` of RembgGpuPoolWithoutGpu.")
+    jobs_oldest_age_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        le=7 * 86400,
+        description=(
+            "Age of the oldest job no worker has picked up that fires RembgJobsWaiting "
+            "(only with jobs.enabled)."
+        ),
+    )
+    jobs_oldest_age_for: Duration = Field(default="2m", description="`for` of RembgJobsWaiting.")
+    jobs_redis_down_for: Duration = Field(
+        default="5m", description="`for` of RembgJobsRedisUnreachable (only with jobs.enabled)."
+    )
 
 
 class MonitoringSpec(SpecModel):
@@ -510,6 +532,142 @@ class FallbackSpec(SpecModel):
     )
 
 
+class JobsRedis(SpecModel):
+    """Where the job path's Redis (or Valkey) is: keys of a Secret the user brings.
+
+    The operator never reads the Secret: the pods get its keys through `secretKeyRef`, and
+    KEDA's redis-streams trigger reads them from the pods' environment.
+    """
+
+    secret_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=SECRET_NAME_PATTERN,
+        description=(
+            "Secret in the RembgService's namespace holding the connection; required when "
+            "jobs.enabled is true."
+        ),
+    )
+    address_key: str = Field(
+        default="address",
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description="Key holding host:port (REMBG_JOBS_REDIS_ADDRESS); it must exist.",
+    )
+    password_key: str | None = Field(
+        default="password",
+        max_length=253,
+        pattern=OPTIONAL_SECRET_KEY_PATTERN,
+        description=(
+            "Key holding the password (REMBG_JOBS_REDIS_PASSWORD); the key may be absent from "
+            'the Secret (no password). "" never reads a password.'
+        ),
+    )
+    username_key: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=OPTIONAL_SECRET_KEY_PATTERN,
+        description=(
+            "Key holding the ACL user (REMBG_JOBS_REDIS_USERNAME); may be absent from the "
+            'Secret. Unset or "" = the default user.'
+        ),
+    )
+    database: int = Field(
+        default=0, ge=0, le=1023, description="Database index (REMBG_JOBS_REDIS_DB)."
+    )
+    tls: bool = Field(default=False, description="Connect with TLS (REMBG_JOBS_REDIS_TLS).")
+
+
+_JOBS_RULES: list[JsonValue] = [
+    {
+        "rule": "!self.enabled || (has(self.redis) && has(self.redis.secretName)"
+        " && self.redis.secretName != '')",
+        "message": "jobs.redis.secretName is required when jobs.enabled is true",
+    },
+]
+
+
+class JobsSpec(SpecModel):
+    """The asynchronous job API (/v1/jobs) backed by the user's Redis, and its autoscaling."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": _JOBS_RULES})
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Serve /v1/jobs and run job workers in every pod (REMBG_JOBS_ENABLED); the "
+            "autoscalers then also scale on the backlog."
+        ),
+    )
+    redis: JobsRedis = Field(
+        default_factory=JobsRedis, description="The Redis or Valkey holding jobs and results."
+    )
+    key_prefix: str | None = Field(
+        default=None,
+        max_length=200,
+        pattern=KEY_PREFIX_PATTERN,
+        description=(
+            "Prefix of every Redis key (REMBG_JOBS_KEY_PREFIX); default "
+            "rembg:<namespace>:<name>, so services can share one Redis."
+        ),
+    )
+    result_ttl_seconds: int = Field(
+        default=86400,
+        alias="resultTTLSeconds",
+        ge=60,
+        le=30 * 86400,
+        description="Finished jobs and their results expire after this many seconds.",
+    )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="A job failing transiently this many times ends failed with its reason.",
+    )
+    visibility_timeout_seconds: float = Field(
+        default=30.0,
+        ge=3,
+        le=3600,
+        description=(
+            "A claimed job whose worker stops heart-beating this long is retried elsewhere "
+            "(workers refresh their claim every third of it)."
+        ),
+    )
+    target_backlog_per_replica: int = Field(
+        default=20,
+        ge=1,
+        le=100_000,
+        description=(
+            "Autoscaling target: unfinished jobs (queued plus running) per replica of each "
+            "pool (KEDA redis-streams streamLength, or the HPA's rembg_jobs_backlog)."
+        ),
+    )
+    webhook_allowed_hosts: list[Annotated[str, Field(pattern=WEBHOOK_HOST_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description=(
+            "Hosts completion webhooks may call: host, host:port or *.domain "
+            "(REMBG_JOBS_WEBHOOK_ALLOWED_HOSTS); empty = webhooks off."
+        ),
+    )
+    webhook_secret_key: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=SECRET_KEY_PATTERN,
+        description=(
+            "Key of redis.secretName holding the HMAC key that signs webhook bodies "
+            "(REMBG_JOBS_WEBHOOK_SECRET); it must exist. Unset = unsigned."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _secret_when_enabled(self) -> JobsSpec:
+        # The CRD's CEL rule says the same; this guards specs that bypassed it.
+        if self.enabled and not self.redis.secret_name:
+            raise ValueError("jobs.redis.secretName is required when jobs.enabled is true")
+        return self
+
+
 class RembgServiceSpec(SpecModel):
     """A fleet of rembg background-removal inference servers."""
 
@@ -566,6 +724,10 @@ class RembgServiceSpec(SpecModel):
     )
     fallback: FallbackSpec = Field(
         default_factory=FallbackSpec, description="GPU to CPU fallback policy."
+    )
+    jobs: JobsSpec = Field(
+        default_factory=JobsSpec,
+        description="Asynchronous job API backed by Redis (off unless jobs.enabled).",
     )
 
 

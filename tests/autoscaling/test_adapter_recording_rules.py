@@ -1,8 +1,9 @@
 """The recording rules prometheus-adapter reads, unit-tested by the real promtool.
 
 The rules come from the operator's own PrometheusRule builder (the groups it applies for a
-RembgService), and the set of records under test is derived from the adapter config, so a
-rule the adapter starts reading without a test here fails `test_every_adapter_record_is_tested`.
+RembgService with the job path on, so every recording is there), and the set of records under
+test is derived from the adapter config (custom and external rules), so a rule the adapter
+starts reading without a test here fails `test_every_adapter_record_is_tested`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import yaml
 from rembg_operator.builders import ServiceRef, plan_pools
 from rembg_operator.builders.monitoring import build_rule_groups
 from rembg_operator.custom_metrics import (
+    JOBS_BACKLOG_RECORD,
     LATENCY_P95_BY_POD_RECORD,
     PENDING_BY_POD_RECORD,
     build_adapter_config,
@@ -30,15 +32,19 @@ pytestmark = pytest.mark.skipif(
 )
 
 REF = ServiceRef(name="demo", namespace="team-a")
-SPEC = RembgServiceSpec.model_validate({"cpu": {}})
+SPEC = RembgServiceSpec.model_validate(
+    {"cpu": {}, "jobs": {"enabled": True, "redis": {"secretName": "redis-credentials"}}}
+)
 SERVICE = 'namespace="team-a",rembg_service="demo"'
 OTHER = 'namespace="team-a",rembg_service="other"'
-TESTED_RECORDS = {PENDING_BY_POD_RECORD, LATENCY_P95_BY_POD_RECORD}
+TESTED_RECORDS = {PENDING_BY_POD_RECORD, LATENCY_P95_BY_POD_RECORD, JOBS_BACKLOG_RECORD}
 
 
 def adapter_records() -> set[str]:
     """Series names the adapter's rules query (the part of seriesQuery before the braces)."""
-    return {re.sub(r"\{.*", "", rule["seriesQuery"]) for rule in build_adapter_config()["rules"]}
+    config = build_adapter_config()
+    rules = [*config["rules"], *config["externalRules"]]
+    return {re.sub(r"\{.*", "", rule["seriesQuery"]) for rule in rules}
 
 
 def _run(tmp_path: Path, tests: list[dict[str, Any]]) -> None:
@@ -161,6 +167,42 @@ def test_latency_p95_by_pod_falls_to_zero_a_window_after_the_load(tmp_path: Path
                 "expr": f"{LATENCY_P95_BY_POD_RECORD}{{{SERVICE}}}",
                 "eval_time": "2m30s",
                 "exp_samples": [{"labels": _record(LATENCY_P95_BY_POD_RECORD, "p1"), "value": 0}],
+            },
+        ],
+    }
+    _run(tmp_path, [case])
+
+
+def _backlog(labels: str, pod: str, values: str) -> dict[str, str]:
+    return {"series": f'rembg_jobs_backlog{{{labels},pool="cpu",pod="{pod}"}}', "values": values}
+
+
+def test_jobs_backlog_is_one_series_per_service_labelled_for_the_external_rule(
+    tmp_path: Path,
+) -> None:
+    # The External metric is looked up by namespace (the adapter adds the HPA's) and by the
+    # HPA's selector rembg_service=<name>: the recording carries exactly those two labels, one
+    # series per service, the backlog once however many replicas export it (p3 sampled the
+    # stream later than the others), and never another service's backlog.
+    case = {
+        "interval": "15s",
+        "input_series": [
+            _backlog(SERVICE, "p1", "0 12 30 30 30 30 30 30"),
+            _backlog(SERVICE, "p2", "0 12 30 30 30 30 30 30"),
+            _backlog(SERVICE, "p3", "0 0 30 30 30 30 30 30"),
+            _backlog(OTHER, "p9", "7x8"),
+        ],
+        "promql_expr_test": [
+            {
+                "expr": JOBS_BACKLOG_RECORD,
+                "eval_time": "1m",
+                "exp_samples": [{"labels": f"{JOBS_BACKLOG_RECORD}{{{SERVICE}}}", "value": 30}],
+            },
+            {
+                # Before p3's first sample of the full stream: still the max, not a sum.
+                "expr": JOBS_BACKLOG_RECORD,
+                "eval_time": "15s",
+                "exp_samples": [{"labels": f"{JOBS_BACKLOG_RECORD}{{{SERVICE}}}", "value": 12}],
             },
         ],
     }

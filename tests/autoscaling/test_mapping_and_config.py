@@ -28,6 +28,7 @@ from rembg_operator.builders import ServiceRef, plan_pools
 from rembg_operator.builders.autoscaling import build_hpa
 from rembg_operator.builders.monitoring import build_rule_groups
 from rembg_operator.custom_metrics import (
+    JOBS_BACKLOG_METRIC,
     LATENCY_P95_METRIC,
     QUEUE_DEPTH_METRIC,
     build_adapter_config,
@@ -41,27 +42,52 @@ REF = ServiceRef(name="demo", namespace="team-a")
 POOL = ("team-a", "demo", "cpu")
 
 
-def _served_metrics() -> dict[str, str]:
-    """Metric name the adapter serves -> the series it reads."""
-    return {
-        r["name"]["as"]: r["seriesQuery"].split("{")[0] for r in build_adapter_config()["rules"]
-    }
+JOBS_SPEC = RembgServiceSpec.model_validate(
+    {"cpu": {}, "jobs": {"enabled": True, "redis": {"secretName": "redis-credentials"}}}
+)
+
+
+def _served_metrics(kind: str) -> dict[str, str]:
+    """Metric name the adapter serves under `rules` or `externalRules` -> the series it reads."""
+    return {r["name"]["as"]: r["seriesQuery"].split("{")[0] for r in build_adapter_config()[kind]}
+
+
+def _asked_metrics(hpa: dict[str, Any], kind: str) -> set[str]:
+    key = kind.lower()
+    return {m[key]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == kind}
 
 
 def test_hpa_asks_only_for_metrics_the_adapter_serves() -> None:
-    spec = RembgServiceSpec.model_validate({"cpu": {}})
-    (plan,) = plan_pools(spec, gpu_capacity=None)
-    hpa = build_hpa(REF, spec, plan)
-    asked = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
-    assert asked == {QUEUE_DEPTH_METRIC, LATENCY_P95_METRIC}
-    assert asked == set(_served_metrics())
+    for spec in (RembgServiceSpec.model_validate({"cpu": {}}), JOBS_SPEC):
+        (plan,) = plan_pools(spec, gpu_capacity=None)
+        hpa = build_hpa(REF, spec, plan)
+        asked = _asked_metrics(hpa, "Pods")
+        assert asked == {QUEUE_DEPTH_METRIC, LATENCY_P95_METRIC}
+        assert asked == set(_served_metrics("rules"))
+    (plan,) = plan_pools(JOBS_SPEC, gpu_capacity=None)
+    asked_external = _asked_metrics(build_hpa(REF, JOBS_SPEC, plan), "External")
+    assert asked_external == {JOBS_BACKLOG_METRIC} == set(_served_metrics("externalRules"))
+
+
+def test_external_metric_selector_names_labels_the_recording_keeps() -> None:
+    (plan,) = plan_pools(JOBS_SPEC, gpu_capacity=None)
+    (external,) = [m for m in build_hpa(REF, JOBS_SPEC, plan)["spec"]["metrics"] if "external" in m]
+    selector = external["external"]["metric"]["selector"]["matchLabels"]
+    groups = build_rule_groups(REF, JOBS_SPEC, plan_pools(JOBS_SPEC, gpu_capacity=None))
+    records = {r["record"]: r for g in groups for r in g["rules"] if "record" in r}
+    backlog = records["rembg:jobs_backlog:max"]
+    assert set(selector) == {"rembg_service"}
+    assert "by (namespace, rembg_service)" in backlog["expr"]
+    (rule,) = build_adapter_config()["externalRules"]
+    # Namespaced: the adapter adds the HPA's namespace, so no HPA reads another namespace.
+    assert rule["resources"] == {"overrides": {"namespace": {"resource": "namespace"}}}
 
 
 def test_adapter_reads_only_series_the_operator_records() -> None:
-    spec = RembgServiceSpec.model_validate({"cpu": {}})
-    groups = build_rule_groups(REF, spec, plan_pools(spec, gpu_capacity=None))
+    groups = build_rule_groups(REF, JOBS_SPEC, plan_pools(JOBS_SPEC, gpu_capacity=None))
     recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
-    assert set(_served_metrics().values()) <= recorded
+    for kind in ("rules", "externalRules"):
+        assert set(_served_metrics(kind).values()) <= recorded
 
 
 @pytest.mark.parametrize("name", sorted(render_monitoring_examples()))
@@ -82,7 +108,7 @@ def test_example_recording_rules_pass_promtool_check() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 2 rules found" in result.stdout
+    assert "SUCCESS: 3 rules found" in result.stdout
 
 
 def _pod(name: str, *, phase: str = "Running", created: str = "2026-01-01T00:00:00Z") -> Any:
@@ -186,9 +212,13 @@ def test_apiservices_point_at_the_adapter_with_its_ca() -> None:
         "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}],
     }
     apiservices = [m for m in manifests if m["kind"] == "APIService"]
-    assert [a["metadata"]["name"] for a in apiservices] == [
-        "v1beta1.custom.metrics.k8s.io",
-        "v1beta2.custom.metrics.k8s.io",
+    assert [
+        (a["metadata"]["name"], a["spec"]["group"], a["spec"]["versionPriority"])
+        for a in apiservices
+    ] == [
+        ("v1beta1.custom.metrics.k8s.io", "custom.metrics.k8s.io", 100),
+        ("v1beta2.custom.metrics.k8s.io", "custom.metrics.k8s.io", 200),
+        ("v1beta1.external.metrics.k8s.io", "external.metrics.k8s.io", 100),
     ]
     for apiservice in apiservices:
         spec = apiservice["spec"]

@@ -132,3 +132,15 @@ def test_check_reports_stale_files(tmp_path: Any, monkeypatch: pytest.MonkeyPatc
     assert crdgen.main(["--write"]) == 0
     assert crdgen.main(["--check"]) == 0
     assert stale.read_text() == crdgen.render_crd()
+
+
+def test_jobs_schema_requires_a_secret_when_enabled(crd: dict[str, Any]) -> None:
+    jobs = _schema(crd)["properties"]["spec"]["properties"]["jobs"]
+    (rule,) = jobs["x-kubernetes-validations"]
+    assert "self.enabled" in rule["rule"]
+    assert "self.redis.secretName" in rule["rule"]
+    assert "secretName is required" in rule["message"]
+    # Off unless asked for; the contract's camelCase (resultTTLSeconds) survives generation.
+    assert jobs["properties"]["enabled"]["default"] is False
+    assert jobs["properties"]["resultTTLSeconds"]["default"] == 86400
+    assert "default" not in jobs["properties"]["redis"]["properties"]["secretName"]

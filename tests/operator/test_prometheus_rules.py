@@ -50,9 +50,9 @@ def _rules(spec: RembgServiceSpec = SPEC) -> list[dict[str, Any]]:
     return build_rule_groups(REF, spec, plan_pools(spec, gpu_capacity=4))
 
 
-def _annotations(alert: str, **values: str) -> dict[str, str]:
+def _annotations(alert: str, spec: RembgServiceSpec = SPEC, **values: str) -> dict[str, str]:
     """The alert's annotation templates with Go template expressions replaced by values."""
-    rule = next(r for g in _rules() for r in g["rules"] if r.get("alert") == alert)
+    rule = next(r for g in _rules(spec) for r in g["rules"] if r.get("alert") == alert)
     rendered = {}
     for key, template_text in rule["annotations"].items():
         text = template_text
@@ -416,3 +416,162 @@ def test_a_wrong_expectation_fails(tmp_path: Path) -> None:
     }
     with pytest.raises(AssertionError, match="FAILED"):
         _run(tmp_path, [wrong])
+
+
+# ---- the job path (spec.jobs) ----------------------------------------------------------------
+
+JOBS_SPEC = make_spec(
+    cpu={},
+    jobs={"enabled": True, "redis": {"secretName": "redis-credentials"}},
+    monitoring={
+        "alerts": {"jobsOldestAgeSeconds": 600, "jobsOldestAgeFor": "2m", "jobsRedisDownFor": "5m"}
+    },
+)
+
+
+def _jobs_rules() -> list[dict[str, Any]]:
+    return build_rule_groups(REF, JOBS_SPEC, plan_pools(JOBS_SPEC, gpu_capacity=None))
+
+
+def test_jobs_add_one_recording_and_two_alerts_only_when_enabled() -> None:
+    def names(spec: RembgServiceSpec) -> set[str]:
+        groups = build_rule_groups(REF, spec, plan_pools(spec, gpu_capacity=None))
+        return {r.get("record") or r["alert"] for g in groups for r in g["rules"]}
+
+    off = names(make_spec(cpu={}))
+    on = names(JOBS_SPEC)
+    assert on - off == {"rembg:jobs_backlog:max", "RembgJobsWaiting", "RembgJobsRedisUnreachable"}
+    assert off <= on
+
+
+def test_promtool_checks_the_jobs_rules(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": _jobs_rules()}))
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 11 rules found" in result.stdout
+
+
+def _job_gauge(name: str, labels: str, pod: str, values: str) -> dict[str, str]:
+    return {"series": f'{name}{{{labels},pool="cpu",pod="{pod}"}}', "values": values}
+
+
+def test_jobs_backlog_is_recorded_once_per_service(tmp_path: Path) -> None:
+    # Every replica exports the same fleet-wide XLEN: the recording keeps it once (max), and a
+    # replica that sampled a moment earlier does not add to it.
+    case = {
+        "interval": "1m",
+        "input_series": [
+            _job_gauge("rembg_jobs_backlog", SERVICE, "p1", "40x5"),
+            _job_gauge("rembg_jobs_backlog", SERVICE, "p2", "38x5"),
+            _job_gauge("rembg_jobs_backlog", OTHER, "p9", "900x5"),
+        ],
+        "promql_expr_test": [
+            {
+                "expr": f"rembg:jobs_backlog:max{{{SERVICE}}}",
+                "eval_time": "2m",
+                "exp_samples": [{"labels": f"rembg:jobs_backlog:max{{{SERVICE}}}", "value": 40}],
+            }
+        ],
+    }
+    _run(tmp_path, [case], JOBS_SPEC)
+
+
+def test_jobs_waiting(tmp_path: Path) -> None:
+    # The oldest queued job ages a minute per minute from 0: above 600 s from 11m on, firing
+    # after `for` 2m (13m). Both replicas report it; the alert is one per service.
+    ageing = "0+60x20"
+    firing = {
+        "interval": "1m",
+        "input_series": [
+            _job_gauge("rembg_jobs_oldest_age_seconds", SERVICE, "p1", ageing),
+            _job_gauge("rembg_jobs_oldest_age_seconds", SERVICE, "p2", ageing),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "12m", "alertname": "RembgJobsWaiting", "exp_alerts": []},
+            {
+                "eval_time": "14m",
+                "alertname": "RembgJobsWaiting",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "warning",
+                            "namespace": "team-a",
+                            "rembg_service": "demo",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgJobsWaiting",
+                            JOBS_SPEC,
+                            **{"{{ $value | humanizeDuration }}": "14m 0s"},
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+    # Jobs picked up within 5 minutes: the age saws up and back, never reaching the threshold.
+    draining = {
+        "interval": "1m",
+        "input_series": [
+            _job_gauge(
+                "rembg_jobs_oldest_age_seconds", SERVICE, "p1", "0 60 120 180 240 0 60 120 0 0 0"
+            ),
+            # Another service's stuck queue is its own alert, not demo's.
+            _job_gauge("rembg_jobs_oldest_age_seconds", OTHER, "p9", "0+600x10"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "10m", "alertname": "RembgJobsWaiting", "exp_alerts": []}
+        ],
+    }
+    _run(tmp_path, [firing, draining], JOBS_SPEC)
+
+
+def test_jobs_redis_unreachable(tmp_path: Path) -> None:
+    firing = {
+        "interval": "1m",
+        "input_series": [
+            _job_gauge("rembg_jobs_redis_up", SERVICE, "p1", "1 1 0 0 0 0 0 0 0 0 0 0"),
+            _job_gauge("rembg_jobs_redis_up", SERVICE, "p2", "1x11"),
+        ],
+        "alert_rule_test": [
+            # Down since 2m: not yet at 6m (`for` 5m), firing at 8m, for p1 only.
+            {"eval_time": "6m", "alertname": "RembgJobsRedisUnreachable", "exp_alerts": []},
+            {
+                "eval_time": "8m",
+                "alertname": "RembgJobsRedisUnreachable",
+                "exp_alerts": [
+                    {
+                        "exp_labels": {
+                            "severity": "critical",
+                            "namespace": "team-a",
+                            "rembg_service": "demo",
+                            "pool": "cpu",
+                            "pod": "p1",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgJobsRedisUnreachable", JOBS_SPEC, **{"{{ $labels.pod }}": "p1"}
+                        ),
+                    }
+                ],
+            },
+        ],
+    }
+    blip = {
+        "interval": "1m",
+        # A 3-minute outage (a Redis failover) is not worth a page.
+        "input_series": [
+            _job_gauge("rembg_jobs_redis_up", SERVICE, "p1", "1 0 0 0 1 1 1 1 1 1 1 1"),
+        ],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": "RembgJobsRedisUnreachable", "exp_alerts": []},
+            {"eval_time": "11m", "alertname": "RembgJobsRedisUnreachable", "exp_alerts": []},
+        ],
+    }
+    _run(tmp_path, [firing, blip], JOBS_SPEC)

@@ -119,7 +119,8 @@ def test_threads_follow_the_cpu_limit(
     spec = make_spec(cpu={"resources": {"limits": limits, "requests": requests}})
     plan = _plan(spec, "cpu")
     assert threads_for(spec, plan) == threads
-    assert {e["name"]: e["value"] for e in server_env(spec, plan)}["REMBG_THREADS"] == str(threads)
+    env = server_env(ServiceRef(name="demo", namespace="team-a"), spec, plan)
+    assert {e["name"]: e["value"] for e in env}["REMBG_THREADS"] == str(threads)
 
 
 def test_explicit_threads_win(ref: ServiceRef) -> None:

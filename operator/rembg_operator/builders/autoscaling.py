@@ -1,10 +1,18 @@
-"""Autoscalers per pool: an autoscaling/v2 HPA (default) or a KEDA ScaledObject."""
+"""Autoscalers per pool: an autoscaling/v2 HPA (default) or a KEDA ScaledObject.
+
+With spec.jobs enabled each pool also scales on the job backlog (queued + running jobs of the
+whole service): an External metric for the HPA, a redis-streams trigger for KEDA. Both pools of
+one service read the same fleet-wide backlog, so each aims at targetBacklogPerReplica per
+replica of its own.
+"""
 
 from __future__ import annotations
 
+from rembg_operator.builders.jobs import ADDRESS_ENV, PASSWORD_ENV, USERNAME_ENV, stream_name
 from rembg_operator.builders.meta import Manifest, ServiceRef, metadata, pool_labels
 from rembg_operator.builders.plan import PoolPlan
-from rembg_operator.models import AutoscalingSpec, RembgServiceSpec, ScalingRules
+from rembg_operator.custom_metrics import JOBS_BACKLOG_METRIC
+from rembg_operator.models import AutoscalingSpec, JobsSpec, RembgServiceSpec, ScalingRules
 
 
 def quantity(value: float) -> str:
@@ -42,8 +50,27 @@ def _pods_metric(metric: str, target: float) -> Manifest:
     }
 
 
+def _jobs_backlog_metric(ref: ServiceRef, jobs: JobsSpec) -> Manifest:
+    """The service's backlog from external.metrics.k8s.io (prometheus-adapter externalRules,
+    namespaced to the HPA's namespace); AverageValue divides it by the pool's replicas."""
+    return {
+        "type": "External",
+        "external": {
+            "metric": {
+                "name": JOBS_BACKLOG_METRIC,
+                "selector": {"matchLabels": {"rembg_service": ref.name}},
+            },
+            "target": {
+                "type": "AverageValue",
+                "averageValue": quantity(jobs.target_backlog_per_replica),
+            },
+        },
+    }
+
+
 def build_hpa(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Manifest:
-    """HPA on per-pod queue depth (and p95 latency), as served by prometheus-adapter."""
+    """HPA on per-pod queue depth (and p95 latency), as served by prometheus-adapter, plus the
+    job backlog when the job path is on."""
     autoscaling = spec.autoscaling
     name = ref.pool_object_name(plan.name)
     metrics = [_pods_metric(autoscaling.queue_depth_metric, autoscaling.target_queue_depth_per_pod)]
@@ -51,6 +78,8 @@ def build_hpa(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Manife
         metrics.append(
             _pods_metric(autoscaling.latency_metric, autoscaling.target_latency_p95_seconds)
         )
+    if spec.jobs.enabled:
+        metrics.append(_jobs_backlog_metric(ref, spec.jobs))
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -106,6 +135,8 @@ def build_scaled_object(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan)
                 },
             }
         )
+    if spec.jobs.enabled:
+        triggers.append(_redis_streams_trigger(ref, spec.jobs))
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -124,4 +155,39 @@ def build_scaled_object(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan)
             },
             "triggers": triggers,
         },
+    }
+
+
+def _redis_streams_trigger(ref: ServiceRef, jobs: JobsSpec) -> Manifest:
+    """KEDA's redis-streams scaler on the length of the service's job stream.
+
+    KEDA's scaler has three modes: XPENDING of a consumer group (`consumerGroup` set, the
+    default then), the group's lag (`consumerGroup` + `lagCount`) and XLEN (no `consumerGroup`).
+    The server XDELs an entry when its job reaches a terminal state, so XLEN = queued + running
+    = every unfinished job: the signal we want per replica. XPENDING counts only running jobs
+    (bounded by the workers already there, so it cannot ask for more), and the lag only
+    queued ones (and Redis cannot compute it once entries were deleted). Hence no
+    `consumerGroup` here, on purpose.
+
+    Connection settings come from the scale target's own env (resolved by KEDA from the same
+    Secret the pods read); a `*FromEnv` naming an unset variable is skipped by KEDA.
+    """
+    redis = jobs.redis
+    trigger_metadata = {
+        "addressFromEnv": ADDRESS_ENV,
+        "stream": stream_name(ref, jobs),
+        "streamLength": str(jobs.target_backlog_per_replica),
+        "databaseIndex": str(redis.database),
+        "enableTLS": "true" if redis.tls else "false",
+    }
+    if redis.username_key:
+        trigger_metadata["usernameFromEnv"] = USERNAME_ENV
+    if redis.password_key:
+        trigger_metadata["passwordFromEnv"] = PASSWORD_ENV
+    return {
+        "type": "redis-streams",
+        "name": "jobs-backlog",
+        # AverageValue: KEDA divides the stream length by the replica count.
+        "metricType": "AverageValue",
+        "metadata": trigger_metadata,
     }

@@ -19,6 +19,7 @@ from rembg_operator.builders.meta import (
 from rembg_operator.builders.plan import PoolPlan
 from rembg_operator.custom_metrics import (
     PENDING_BY_POD_RECORD,
+    jobs_backlog_rule,
     latency_p95_by_pod_rule,
     pending_by_pod_rule,
 )
@@ -75,7 +76,10 @@ def build_rule_groups(
 ) -> list[Manifest]:
     """The rule groups, in Prometheus' own format (promtool reads the same structure)."""
     return [
-        {"name": f"rembg.{ref.namespace}.{ref.name}.recording", "rules": _recording_rules(ref)},
+        {
+            "name": f"rembg.{ref.namespace}.{ref.name}.recording",
+            "rules": _recording_rules(ref, spec),
+        },
         {"name": f"rembg.{ref.namespace}.{ref.name}.alerts", "rules": _alerts(ref, spec, plans)},
     ]
 
@@ -91,10 +95,10 @@ def build_prometheus_rule(
     }
 
 
-def _recording_rules(ref: ServiceRef) -> list[Manifest]:
+def _recording_rules(ref: ServiceRef, spec: RembgServiceSpec) -> list[Manifest]:
     selector = service_series_selector(ref)
     by = "namespace, rembg_service"
-    return [
+    rules = [
         {
             "record": P95_RECORD,
             "expr": (
@@ -112,6 +116,9 @@ def _recording_rules(ref: ServiceRef) -> list[Manifest]:
         pending_by_pod_rule(selector),
         latency_p95_by_pod_rule(selector),
     ]
+    if spec.jobs.enabled:
+        rules.append(jobs_backlog_rule(selector))
+    return rules
 
 
 def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> list[Manifest]:
@@ -163,6 +170,8 @@ def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> l
     ]
     if any(plan.is_gpu for plan in plans):
         rules.append(_gpu_without_gpu(ref, spec))
+    if spec.jobs.enabled:
+        rules.extend(_jobs_alerts(ref, spec))
     return rules
 
 
@@ -203,3 +212,46 @@ def _gpu_without_gpu(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
             ),
         },
     }
+
+
+def _jobs_alerts(ref: ServiceRef, spec: RembgServiceSpec) -> list[Manifest]:
+    alerts = spec.monitoring.alerts
+    selector = service_series_selector(ref)
+    threshold = alerts.jobs_oldest_age_seconds
+    return [
+        {
+            "alert": "RembgJobsWaiting",
+            # Every replica samples the same oldest job: one alert per service, not per pod.
+            "expr": (
+                f"max by (namespace, rembg_service) "
+                f"(rembg_jobs_oldest_age_seconds{{{selector}}}) > {threshold:g}"
+            ),
+            "for": alerts.jobs_oldest_age_for,
+            "labels": {"severity": "warning"},
+            "annotations": {
+                "summary": f"rembg {ref.namespace}/{ref.name}: queued jobs are not picked up",
+                "description": (
+                    "The oldest queued job has waited {{ $value | humanizeDuration }} "
+                    f"(threshold {threshold:g}s). The pools are at their maximum, too slow to "
+                    "scale, or their job workers are stuck."
+                ),
+            },
+        },
+        {
+            "alert": "RembgJobsRedisUnreachable",
+            "expr": (
+                "max by (namespace, rembg_service, pool, pod) "
+                f"(rembg_jobs_redis_up{{{selector}}}) == 0"
+            ),
+            "for": alerts.jobs_redis_down_for,
+            "labels": {"severity": "critical"},
+            "annotations": {
+                "summary": f"rembg {ref.namespace}/{ref.name}: a pod cannot reach Redis",
+                "description": (
+                    "Pod {{ $labels.pod }} has failed every Redis call for the job path: "
+                    "job submissions answer 503 and its workers take no jobs. Check the "
+                    f"address in Secret {spec.jobs.redis.secret_name} and the network."
+                ),
+            },
+        },
+    ]

@@ -5,6 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rembg_operator.builders.jobs import (
+    ADDRESS_ENV,
+    PASSWORD_ENV,
+    USERNAME_ENV,
+    WEBHOOK_SECRET_ENV,
+    key_prefix,
+)
 from rembg_operator.builders.meta import (
     HTTP_PORT_NAME,
     SERVICE_PORT,
@@ -17,7 +24,7 @@ from rembg_operator.builders.meta import (
     service_selector,
 )
 from rembg_operator.builders.plan import PoolPlan
-from rembg_operator.models import GpuPoolSpec, RembgServiceSpec, parse_quantity
+from rembg_operator.models import GpuPoolSpec, JobsSpec, RembgServiceSpec, parse_quantity
 
 # The non-root user the inference image (inference_image/Dockerfile) creates.
 RUN_AS_USER = 10001
@@ -77,7 +84,7 @@ def _pod_template(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Ma
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [_server_container(spec, plan)],
+        "containers": [_server_container(ref, spec, plan)],
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
     }
     _add_scheduling(pod_spec, ref, spec, plan)
@@ -102,14 +109,14 @@ def termination_grace_seconds(spec: RembgServiceSpec) -> int:
     )
 
 
-def _server_container(spec: RembgServiceSpec, plan: PoolPlan) -> Manifest:
+def _server_container(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Manifest:
     server = spec.server
     container: Manifest = {
         "name": "server",
         "image": plan.image,
         "imagePullPolicy": spec.image_pull_policy,
         "ports": [{"name": HTTP_PORT_NAME, "containerPort": server.port, "protocol": "TCP"}],
-        "env": server_env(spec, plan),
+        "env": server_env(ref, spec, plan),
         "resources": _resources(plan),
         "startupProbe": _probe(
             "/readyz",
@@ -154,7 +161,7 @@ def threads_for(spec: RembgServiceSpec, plan: PoolPlan) -> int:
     return max(1, math.ceil(parse_quantity(cpu)))
 
 
-def server_env(spec: RembgServiceSpec, plan: PoolPlan) -> list[dict[str, str]]:
+def server_env(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> list[Manifest]:
     server = spec.server
     values = {
         "REMBG_HOST": "0.0.0.0",  # noqa: S104 - a pod serves on its own network namespace
@@ -174,9 +181,56 @@ def server_env(spec: RembgServiceSpec, plan: PoolPlan) -> list[dict[str, str]]:
         "REMBG_LOG_FORMAT": server.log_format,
         "REMBG_ALPHA_MATTING_ENABLED": _bool(server.alpha_matting_enabled),
     }
+    env: dict[str, Manifest] = {name: {"name": name, "value": v} for name, v in values.items()}
+    env.update((var["name"], var) for var in jobs_env(ref, spec.jobs))
     # Extra variables win over the generated ones: they are the user's explicit override.
-    values.update({var.name: var.value for var in server.extra_env})
-    return [{"name": k, "value": v} for k, v in values.items()]
+    env.update((var.name, {"name": var.name, "value": var.value}) for var in server.extra_env)
+    return list(env.values())
+
+
+def jobs_env(ref: ServiceRef, jobs: JobsSpec) -> list[Manifest]:
+    """REMBG_JOBS_* of an enabled job path (none when disabled, so the pods stay as they were)."""
+    if not jobs.enabled:
+        return []
+    redis = jobs.redis
+    secret = redis.secret_name
+    assert secret is not None  # JobsSpec refuses `enabled` without it
+    env = [
+        _value("REMBG_JOBS_ENABLED", "true"),
+        # Required: without it a pod would queue jobs on its own loopback and lose them.
+        _secret_ref(ADDRESS_ENV, secret, redis.address_key, optional=False),
+    ]
+    # Optional keys: a Secret without them means "no user" / "no password", not a stuck pod.
+    if redis.username_key:
+        env.append(_secret_ref(USERNAME_ENV, secret, redis.username_key, optional=True))
+    if redis.password_key:
+        env.append(_secret_ref(PASSWORD_ENV, secret, redis.password_key, optional=True))
+    env += [
+        _value("REMBG_JOBS_REDIS_DB", str(redis.database)),
+        _value("REMBG_JOBS_REDIS_TLS", _bool(redis.tls)),
+        _value("REMBG_JOBS_KEY_PREFIX", key_prefix(ref, jobs)),
+        _value("REMBG_JOBS_RESULT_TTL_SECONDS", str(jobs.result_ttl_seconds)),
+        _value("REMBG_JOBS_MAX_ATTEMPTS", str(jobs.max_attempts)),
+        _value("REMBG_JOBS_VISIBILITY_TIMEOUT_SECONDS", _number(jobs.visibility_timeout_seconds)),
+    ]
+    if jobs.webhook_allowed_hosts:
+        hosts = ",".join(jobs.webhook_allowed_hosts)
+        env.append(_value("REMBG_JOBS_WEBHOOK_ALLOWED_HOSTS", hosts))
+    if jobs.webhook_secret_key:
+        # Named on purpose, so a missing key stops the pod instead of sending unsigned webhooks.
+        env.append(_secret_ref(WEBHOOK_SECRET_ENV, secret, jobs.webhook_secret_key, optional=False))
+    return env
+
+
+def _value(name: str, value: str) -> Manifest:
+    return {"name": name, "value": value}
+
+
+def _secret_ref(name: str, secret: str, key: str, *, optional: bool) -> Manifest:
+    selector: Manifest = {"name": secret, "key": key}
+    if optional:
+        selector["optional"] = True
+    return {"name": name, "valueFrom": {"secretKeyRef": selector}}
 
 
 def _bool(value: bool) -> str:
