@@ -1,9 +1,10 @@
-"""Real inference servers and a bounded load generator for the autoscaling e2e test.
+"""Real inference servers and bounded load for the autoscaling e2e tests.
 
 The servers are real `python -m rembg_server` processes (u2netp from ~/.u2net, one inference
 thread each) on free loopback ports; rembg_devcluster.metrics_stack maps the pool's KWOK pods
 onto them. The load generator plays the pool's Service: it spreads requests over the servers
 behind the pool's current pods, so adding pods divides the load as it would in a cluster.
+`submit_jobs` and `job_states` drive the asynchronous job API (/v1/jobs) the same way.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ SERVER_ENV = {
 }
 
 
-def start_servers(cluster: Any, prefix: str, count: int) -> list[str]:
+def start_servers(
+    cluster: Any, prefix: str, count: int, extra_env: dict[str, str] | None = None
+) -> list[str]:
     """Spawns `count` servers through the cluster's process host; returns their host:port."""
     addresses = []
     for index in range(count):
         port = free_port()
-        env = {**cluster.env, **SERVER_ENV, "REMBG_PORT": str(port)}
+        env = {**cluster.env, **SERVER_ENV, **(extra_env or {}), "REMBG_PORT": str(port)}
         cluster.spawn(f"{prefix}-{index}", [sys.executable, "-m", "rembg_server"], env=env)
         addresses.append(f"127.0.0.1:{port}")
     for address in addresses:
@@ -137,3 +140,27 @@ class LoadGenerator:
 
     def summary(self) -> str:
         return f"sent {self.sent}, answered {self.answered}, transport errors {self.errors}"
+
+
+def submit_jobs(server: str, count: int, body: bytes) -> list[str]:
+    """POSTs `count` single-image jobs (each must be accepted with 202); returns their ids."""
+    ids = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(count):
+            response = client.post(
+                f"http://{server}/v1/jobs", content=body, headers={"Content-Type": "image/png"}
+            )
+            assert response.status_code == 202, (response.status_code, response.text)
+            ids.append(str(response.json()["id"]))
+    return ids
+
+
+def job_states(server: str, ids: Sequence[str]) -> dict[str, int]:
+    """How many of the jobs are in each state (GET /v1/jobs/{id}; any replica answers)."""
+    counts: dict[str, int] = {}
+    with httpx.Client(timeout=30) as client:
+        for job_id in ids:
+            response = client.get(f"http://{server}/v1/jobs/{job_id}")
+            state = str(response.json()["state"]) if response.status_code == 200 else "missing"
+            counts[state] = counts.get(state, 0) + 1
+    return counts

@@ -4,20 +4,34 @@ KEDA's redis-streams trigger (validated by KEDA's own CRD schema on the API serv
 the job path off removes every one of them. The API server's CEL rule refuses an enabled job
 path without a Secret.
 
+Then the backlog scales a pool end to end: jobs submitted to a real `rembg_server` (job path on,
+a real redis-server) -> its rembg_jobs_backlog gauge -> Prometheus evaluating the operator's
+PrometheusRule (rembg:jobs_backlog:max) -> prometheus-adapter's externalRules served as
+external.metrics.k8s.io -> the HPA controller -> Deployment replicas, and back down once the
+workers have drained the stream. Scaffolding as in test_autoscaling.py: the pool's KWOK pods are
+mapped onto the real server process for scraping. That one process consumes every job whatever
+the pod count (a real pod would add a consumer), which only slows the drain, not the signal.
+
 The cluster is this module's own (KEDA's CRDs installed, a fast HPA controller), stopped when
-the module is done.
+the module is done. Bounded: at most MAX_JOBS jobs, all to 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from rembg_devcluster import DevCluster
-from rembg_devcluster.metrics_stack import keda_crds_dir
+from rembg_devcluster.metrics_stack import MetricsStack, keda_crds_dir
+from rembg_operator.custom_metrics import JOBS_BACKLOG_METRIC, build_adapter_config
 
+from e2e.autoscaling_support import job_states, small_png, start_servers, submit_jobs
 from e2e.operator_support import (
     OperatorProcess,
     eventually,
@@ -26,7 +40,9 @@ from e2e.operator_support import (
     kubectl_apply,
     rembg_service,
     running_operator,
+    wait_ready,
 )
+from tests.server.processes import RedisServer
 
 SERVICE = "jobs"
 SECRET = "redis-credentials"
@@ -56,11 +72,12 @@ def jobs_cluster(cluster_factory: Callable[..., DevCluster]) -> Iterator[DevClus
 
 
 @pytest.fixture
-def namespace(jobs_cluster: DevCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+def namespace(jobs_cluster: DevCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace per test; the module's cluster goes away with all of them."""
     name = f"jobs-{request.node.name.removeprefix('test_')[:30].replace('_', '-').rstrip('-')}"
     jobs_cluster.create_namespace(name)
     jobs_cluster.wait_for_default_service_account(name)
-    yield name
+    return name
 
 
 @pytest.fixture
@@ -164,9 +181,7 @@ def test_hpa_engine_renders_the_job_path_and_removes_it_when_off(
         lambda: _metric_types(cluster, namespace) == ["Pods", "Pods"],
         what="the External metric to go",
     )
-    eventually(
-        lambda: not jobs_rules & _recorded(cluster, namespace), what="the jobs rules to go"
-    )
+    eventually(lambda: not jobs_rules & _recorded(cluster, namespace), what="the jobs rules to go")
 
 
 def test_keda_engine_adds_a_redis_streams_trigger_and_removes_it_when_off(
@@ -217,3 +232,158 @@ def test_an_enabled_job_path_without_a_secret_is_refused(
     assert refused.returncode != 0
     assert "jobs.redis.secretName is required when jobs.enabled is true" in refused.stderr
     assert get(jobs_cluster, namespace, "rembgservice", SERVICE) is None
+
+
+# ---- the backlog scales a pool, end to end ----------------------------------------------------
+
+MAX_JOBS = 240
+BACKLOG_TARGET = 5
+MAX_REPLICAS = 3
+SCALE_TIMEOUT = 180.0
+DRAIN_TIMEOUT = 420.0
+# The operator side can land before the server side of issue 7; until the server has its job
+# path there is nothing to export the backlog.
+SERVER_HAS_JOBS = importlib.util.find_spec("rembg_server.jobs") is not None
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _scaling_spec() -> dict[str, Any]:
+    window = {"maxPercent": 100, "maxPods": 4, "periodSeconds": 5}
+    return {
+        "models": ["u2netp"],
+        "cpu": {"minReplicas": 1, "maxReplicas": MAX_REPLICAS},
+        "autoscaling": {
+            # The Pods signals out of reach: only the backlog may scale this pool.
+            "targetQueueDepthPerPod": 1000,
+            "targetLatencyP95Seconds": 3600,
+            "scaleUp": {"stabilizationWindowSeconds": 0, **window},
+            "scaleDown": {"stabilizationWindowSeconds": 10, **window},
+        },
+        "monitoring": {"scrapeInterval": "2s", "scrapeTimeout": "2s"},
+        "jobs": {
+            "enabled": True,
+            "redis": {"secretName": SECRET},
+            "targetBacklogPerReplica": BACKLOG_TARGET,
+        },
+    }
+
+
+def _replicas(cluster: DevCluster, namespace: str) -> tuple[int, int]:
+    deployment = get(cluster, namespace, "deployment", f"{SERVICE}-cpu") or {}
+    spec = int((deployment.get("spec") or {}).get("replicas") or 0)
+    return spec, int((deployment.get("status") or {}).get("readyReplicas") or 0)
+
+
+def _wait(probe: Callable[[], Any], what: Callable[[], str], timeout: float) -> Any:
+    """Polls until probe is truthy; the failure message describes the state at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := probe():
+            return found
+        time.sleep(1.0)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what()}")
+
+
+def _rescale_messages(cluster: DevCluster, namespace: str) -> list[str]:
+    listing = cluster.get_json(
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=HorizontalPodAutoscaler,involvedObject.name={SERVICE}-cpu,"
+        "reason=SuccessfulRescale",
+    )
+    return [str(e.get("message", "")) for e in listing.get("items", [])]
+
+
+@pytest.mark.skipif(
+    not SERVER_HAS_JOBS, reason="rembg_server has no job path (rembg_server.jobs) in this tree"
+)
+def test_backlog_scales_the_pool_up_and_back_down(
+    jobs_cluster: DevCluster,
+    namespace: str,
+    operator: OperatorProcess,
+    redis: RedisServer,
+    tmp_path: Path,
+) -> None:
+    cluster = jobs_cluster
+    # What the operator gives the pods: the same Redis and the service's own key prefix.
+    job_env = {
+        "REMBG_JOBS_ENABLED": "true",
+        "REMBG_JOBS_REDIS_ADDRESS": redis.address,
+        "REMBG_JOBS_KEY_PREFIX": f"rembg:{namespace}:{SERVICE}",
+        # One worker: the stream drains slowly enough for the HPA to see the backlog.
+        "REMBG_JOBS_CONCURRENCY": "1",
+    }
+    prefix = f"server-{namespace}"
+    (server,) = start_servers(cluster, prefix, 1, extra_env=job_env)
+    stack = MetricsStack.start(
+        cluster,
+        tmp_path / "metrics-stack",
+        build_adapter_config(),
+        {(namespace, SERVICE, "cpu"): [server]},
+    )
+    selector = f"rembg_service={SERVICE}"
+    backlog = functools.partial(stack.external_metric, namespace, JOBS_BACKLOG_METRIC, selector)
+
+    def state() -> str:
+        return (
+            f"replicas (spec, ready)={_replicas(cluster, namespace)}, backlog={backlog()}, "
+            f"jobs={job_states(server, ids) if ids else {}}, sync error={stack.last_sync_error!r}"
+        )
+
+    ids: list[str] = []
+    try:
+        stack.start_sync_loop(every_seconds=1.0)
+        kubectl_apply(cluster, namespace, rembg_service(SERVICE, _scaling_spec()))
+        wait_ready(cluster, namespace, SERVICE)
+        # Idle: the External metric is served for the service, at 0, and the pool stays at 1.
+        _wait(lambda: backlog() == [0.0], lambda: f"an idle backlog of 0: {state()}", SCALE_TIMEOUT)
+        assert _replicas(cluster, namespace) == (1, 1)
+
+        started = time.monotonic()
+        ids = submit_jobs(server, MAX_JOBS, small_png())
+        # More than two replicas' worth: the HPA wants ceil(backlog / 5) > 2 replicas.
+        _wait(
+            lambda: (values := backlog()) and values[0] > BACKLOG_TARGET * (MAX_REPLICAS - 1),
+            lambda: f"the backlog above {BACKLOG_TARGET * (MAX_REPLICAS - 1)}: {state()}",
+            SCALE_TIMEOUT,
+        )
+        _wait(
+            lambda: _replicas(cluster, namespace) == (MAX_REPLICAS, MAX_REPLICAS),
+            lambda: f"{MAX_REPLICAS} ready replicas: {state()}",
+            SCALE_TIMEOUT,
+        )
+        scaled_up = time.monotonic() - started
+        messages = _rescale_messages(cluster, namespace)
+        assert any(f"external metric {JOBS_BACKLOG_METRIC}" in m for m in messages), messages
+        assert not any("pods metric" in m and "above target" in m for m in messages), messages
+
+        # Every job finishes, exactly once, and the idle pool scales back to its minimum.
+        _wait(
+            lambda: job_states(server, ids) == {"done": MAX_JOBS},
+            lambda: f"all {MAX_JOBS} jobs done: {state()}",
+            DRAIN_TIMEOUT,
+        )
+        drained = time.monotonic() - started
+        _wait(
+            lambda: _replicas(cluster, namespace) == (1, 1),
+            lambda: f"back to 1 replica: {state()}",
+            SCALE_TIMEOUT,
+        )
+        print(
+            f"{MAX_JOBS} jobs: scaled 1 -> {MAX_REPLICAS} after {scaled_up:.1f}s, "
+            f"drained after {drained:.1f}s, back to 1 after {time.monotonic() - started:.1f}s"
+        )
+    finally:
+        stack.stop()
+        cluster.stop_process(f"{prefix}-0", grace_seconds=10)
