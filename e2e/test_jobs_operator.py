@@ -236,7 +236,8 @@ def test_an_enabled_job_path_without_a_secret_is_refused(
 
 # ---- the backlog scales a pool, end to end ----------------------------------------------------
 
-MAX_JOBS = 240
+# Enough for minutes of backlog on one loaded core (u2netp at ~0.5-1 job/s).
+MAX_JOBS = 120
 BACKLOG_TARGET = 5
 MAX_REPLICAS = 3
 SCALE_TIMEOUT = 180.0
@@ -363,7 +364,8 @@ def test_backlog_scales_the_pool_up_and_back_down(
             lambda: f"{MAX_REPLICAS} ready replicas: {state()}",
             SCALE_TIMEOUT,
         )
-        scaled_up = time.monotonic() - started
+        elapsed = time.monotonic() - started
+        print(f"{MAX_JOBS} jobs: 1 -> {MAX_REPLICAS} replicas after {elapsed:.1f}s")
         messages = _rescale_messages(cluster, namespace)
         assert any(f"external metric {JOBS_BACKLOG_METRIC}" in m for m in messages), messages
         assert not any("pods metric" in m and "above target" in m for m in messages), messages
@@ -374,16 +376,13 @@ def test_backlog_scales_the_pool_up_and_back_down(
             lambda: f"all {MAX_JOBS} jobs done: {state()}",
             DRAIN_TIMEOUT,
         )
-        drained = time.monotonic() - started
+        print(f"{MAX_JOBS} jobs: all done after {time.monotonic() - started:.1f}s")
         _wait(
             lambda: _replicas(cluster, namespace) == (1, 1),
             lambda: f"back to 1 replica: {state()}",
             SCALE_TIMEOUT,
         )
-        print(
-            f"{MAX_JOBS} jobs: scaled 1 -> {MAX_REPLICAS} after {scaled_up:.1f}s, "
-            f"drained after {drained:.1f}s, back to 1 after {time.monotonic() - started:.1f}s"
-        )
+        print(f"{MAX_JOBS} jobs: back to 1 replica after {time.monotonic() - started:.1f}s")
     finally:
         stack.stop()
         cluster.stop_process(f"{prefix}-0", grace_seconds=10)
