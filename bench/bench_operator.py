@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 from rembg_devcluster import ClusterConfig, DevCluster
 from rembg_devcluster.external import ExternalCluster
@@ -103,22 +104,38 @@ def operator_counters(port: int) -> tuple[float, float]:
 async def watch(
     client: KubeClient, path: str, on_event: Any, stop: asyncio.Event, query: list[tuple[str, str]]
 ) -> None:
+    """Follow a watch stream until stopped, resuming where a dropped connection left off."""
     api = client._api  # the bench reuses the operator's authenticated session
+    version = ""
     while not stop.is_set():
-        response = await api.call_api(
-            path,
-            "GET",
-            query_params=[("watch", "true"), ("timeoutSeconds", "60"), *query],
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=None,
-        )
-        async with response:
-            while not stop.is_set():
-                line = await response.content.readline()
-                if not line:
-                    break
-                on_event(json.loads(line))
+        params = [("watch", "true"), ("timeoutSeconds", "60"), ("allowWatchBookmarks", "true")]
+        if version:
+            params.append(("resourceVersion", version))
+        try:
+            response = await api.call_api(
+                path,
+                "GET",
+                query_params=[*params, *query],
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=None,
+            )
+            async with response:
+                while not stop.is_set():
+                    line = await response.content.readline()
+                    if not line:
+                        break
+                    event = json.loads(line)
+                    if event["type"] == "ERROR":  # 410 Gone: list again from now
+                        version = ""
+                        break
+                    version = event["object"]["metadata"].get("resourceVersion") or version
+                    if event["type"] != "BOOKMARK":
+                        on_event(event)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            # A loaded API server drops streams; losing one would lose every later event.
+            print(f"watch {path}: {error!r}, reconnecting", file=sys.stderr, flush=True)
+            await asyncio.sleep(0.5)
 
 
 async def run_size(
@@ -197,6 +214,17 @@ async def run_size(
         if len(seen) == len(CHILDREN):
             latencies.append(max(seen.values()) - timeline.created[name])
     latencies.sort()
+    per_kind = {
+        kind: _quantile(
+            sorted(
+                seen[kind] - timeline.created[name]
+                for name, seen in timeline.children.items()
+                if kind in seen and name in timeline.created
+            ),
+            0.99,
+        )
+        for kind in sorted({k for seen in timeline.children.values() for k in seen})
+    }
     all_ready = max(timeline.ready.values()) - started if len(timeline.ready) == size else None
     requests = requests_after - requests_before
     reconciles = reconciles_after - reconciles_before
@@ -205,6 +233,7 @@ async def run_size(
         "children_complete": len(latencies),
         "apply_to_children_p50_s": _quantile(latencies, 0.5),
         "apply_to_children_p99_s": _quantile(latencies, 0.99),
+        "child_kind_p99_s": per_kind,
         "all_ready_s": all_ready,
         "ready": len(timeline.ready),
         "api_requests": requests,
@@ -226,7 +255,9 @@ def _fmt(value: float | None, unit: str = "s") -> str:
     return "n/a" if value is None else f"{value:.3f}{unit}"
 
 
-async def bench(sizes: list[int], cpu_nodes: int, kubeconfig: Path | None) -> int:
+async def bench(
+    sizes: list[int], cpu_nodes: int, kubeconfig: Path | None, controller_manager_qps: int | None
+) -> int:
     with tempfile.TemporaryDirectory(prefix="rembg-bench-") as state:
         cluster: DevCluster | ExternalCluster
         if kubeconfig is not None:
@@ -234,8 +265,16 @@ async def bench(sizes: list[int], cpu_nodes: int, kubeconfig: Path | None) -> in
             _add_nodes(cluster, cpu_nodes)
         else:
             print(f"starting a local control plane ({cpu_nodes} CPU KWOK nodes) ...", flush=True)
+            qps = controller_manager_qps
             cluster = DevCluster.start(
-                ClusterConfig(state_dir=Path(state), cpu_nodes=cpu_nodes, gpu_nodes=0)
+                ClusterConfig(
+                    state_dir=Path(state),
+                    cpu_nodes=cpu_nodes,
+                    gpu_nodes=0,
+                    controller_manager_args=(
+                        (f"--kube-api-qps={qps}", f"--kube-api-burst={2 * qps}") if qps else ()
+                    ),
+                )
             )
         try:
             return await _bench_on(cluster, sizes)
@@ -326,9 +365,15 @@ def main() -> int:
     parser.add_argument("--sizes", default="1,100,500", help="comma-separated service counts")
     parser.add_argument("--cpu-nodes", type=int, default=6, help="KWOK CPU nodes (110 pods each)")
     parser.add_argument("--kubeconfig", type=Path, help="use this cluster instead of a new one")
+    parser.add_argument(
+        "--controller-manager-qps",
+        type=int,
+        help="kube-controller-manager --kube-api-qps (burst twice that) of the cluster started "
+        "here; default: its own 20/30, which paces Deployments -> ReplicaSets -> Pods",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    return asyncio.run(bench(sizes, args.cpu_nodes, args.kubeconfig))
+    return asyncio.run(bench(sizes, args.cpu_nodes, args.kubeconfig, args.controller_manager_qps))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,11 @@
 """kopf registrations: each handler only delegates to the Fleet (rembg_operator.fleet).
 
+Every handler is an event handler: the Fleet decides from each event what work it needs
+(level-triggered, like a controller-runtime reconciler) and runs it in its own per-service
+queue, with its own retries. kopf's change handlers (on.create/update/resume) are not used:
+they keep their state in annotations on the RembgService, which costs one PATCH per change
+and a deep copy of every event's body, and a burst of hundreds of services pays for both.
+
 Status is written by the Fleet (a merge patch of the status subresource), not through
 kopf's `patch.status`: child watch events update status too, and one writer per service,
 serialised by a lock, cannot overwrite a newer status with an older one.
@@ -7,22 +13,14 @@ serialised by a lock, cannot overwrite a newer status with an older one.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from typing import Any
 
 import kopf
 
 from rembg_operator import settings as operator_settings
 from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
-from rembg_operator.fleet import Fleet, ReconcileError
-from rembg_operator.kube import ApiError
 from rembg_operator.models import API_GROUP, API_VERSION, PLURAL
 
-log = logging.getLogger(__name__)
-
-RETRY_SECONDS = 5
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 # Every kind of child, watched so that edits and deletions are repaired at once.
 CHILD_RESOURCES = (
@@ -46,25 +44,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await operator_settings.stop(memo)
 
 
-@kopf.on.resume(API_GROUP, API_VERSION, PLURAL, backoff=RETRY_SECONDS)
-@kopf.on.create(API_GROUP, API_VERSION, PLURAL, backoff=RETRY_SECONDS)
-@kopf.on.update(API_GROUP, API_VERSION, PLURAL, backoff=RETRY_SECONDS)
-async def reconcile(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    fleet: Fleet = memo.fleet
-    key = fleet.remember(body)
-    try:
-        await fleet.reconcile(key)
-    except (ReconcileError, ApiError) as error:
-        raise kopf.TemporaryError(str(error), delay=RETRY_SECONDS) from error
-
-
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-async def track_service(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
-    fleet: Fleet = memo.fleet
-    if type == "DELETED":
-        fleet.forget((body.metadata.namespace or "", body.metadata.name or ""))
-    else:
-        fleet.remember(body)
+async def service_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
+    # type None is kopf's initial listing: on start-up every service is reconciled (resume).
+    memo.fleet.on_service_event(type, body)
 
 
 OPTIONAL_CRDS = frozenset(
@@ -103,11 +86,3 @@ def _register_child_watchers() -> None:
 
 
 _register_child_watchers()
-
-
-async def cancel(task: asyncio.Task[None] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

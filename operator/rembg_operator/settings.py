@@ -14,7 +14,6 @@ from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
 from rembg_operator.config import OperatorConfig
 from rembg_operator.fleet import Fleet
 from rembg_operator.kube import KubeClient
-from rembg_operator.models import API_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +27,10 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     watching.client_timeout = config.watch_client_timeout_seconds
     watching.connect_timeout = 30
     watching.inactivity_timeout = config.watch_inactivity_timeout_seconds
-    # Keep kopf's bookkeeping in annotations: the CRD's structural schema would prune
-    # status.kopf, and nothing of it belongs in our status.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=API_GROUP, key="last-handled-configuration"
-    )
+    # No kopf state lives on the objects: every handler is an event handler (see handlers).
     settings.posting.enabled = False  # the Fleet posts the Events users need itself
     settings.networking.request_timeout = 60
     settings.peering.standalone = True
-    settings.batching.batch_window = 0.05
 
 
 def filter_children(settings: kopf.OperatorSettings, resources: Any) -> None:

@@ -338,3 +338,135 @@ async def _drain(fleet: Fleet) -> None:
         if not tasks:
             return
         await asyncio.gather(*tasks)
+
+
+def test_service_events_reconcile_new_services_and_spec_changes_only() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet = make(client)
+        fleet.on_service_event(None, owner({"cpu": {}}))  # listed at start-up: resume
+        await _drain(fleet)
+        applied = len(client.applies())
+        assert applied == 6
+        # The echo of our own status write: same generation, nothing to do.
+        fleet.on_service_event("MODIFIED", owner({"cpu": {}}, status=client.statuses[-1]))
+        await _drain(fleet)
+        assert len(client.applies()) == applied
+        fleet.on_service_event("MODIFIED", owner({"cpu": {"maxReplicas": 5}}, generation=2))
+        await _drain(fleet)
+        assert len(client.applies()) == 2 * applied
+        # New labels: kopf.adopt copies them to every child.
+        labelled = owner({"cpu": {"maxReplicas": 5}}, generation=2)
+        labelled["metadata"]["labels"] = {"team": "vision"}
+        fleet.on_service_event("MODIFIED", labelled)
+        await _drain(fleet)
+        assert len(client.applies()) == 3 * applied
+
+    run(scenario())
+
+
+def test_service_being_deleted_is_let_go_not_repaired() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        fleet = make(client)
+        fleet.on_service_event("ADDED", owner({"cpu": {}}))
+        await _drain(fleet)
+        applied = len(client.applies())
+        deleting = owner({"cpu": {}}, generation=2)
+        deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        fleet.on_service_event("MODIFIED", deleting)
+        # The garbage collector deletes the children (foreground deletion): no repair.
+        fleet.on_child_event("DELETED", _deployment_manifest_for(owner({"cpu": {}})))
+        await _drain(fleet)
+        assert len(client.applies()) == applied
+        assert ("ns", "demo") not in fleet.owners
+        fleet.on_service_event("DELETED", deleting)
+        assert ("ns", "demo") not in fleet.owners
+
+    run(scenario())
+
+
+class GatedServiceClient(RecordingClient):
+    """Holds every Service apply until released, to see what else runs meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        stored = await super().apply(manifest)
+        if manifest["kind"] == "Service":
+            await self.release.wait()
+        return stored
+
+
+def test_service_creation_goes_before_every_other_write() -> None:
+    client = GatedServiceClient()
+
+    async def scenario() -> None:
+        fleet = make(client)
+        fleet.on_service_event("ADDED", owner({"cpu": {}}))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # The Service is being created: nothing else has been sent meanwhile.
+        assert [c[1] for c in client.applies()] == ["Service"]
+        client.release.set()
+        await _drain(fleet)
+        assert len(client.applies()) == 6
+        assert client.statuses
+
+    run(scenario())
+
+
+def test_existing_service_does_not_hold_up_the_other_children() -> None:
+    client = GatedServiceClient()
+    client.release.set()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        client.release.clear()
+        fleet.request(("ns", "demo"), full=True)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # Applying a Service that exists allocates nothing: the rest goes alongside.
+        assert len(client.applies()) == 12
+        client.release.set()
+        await _drain(fleet)
+
+    run(scenario())
+
+
+def test_watch_event_newer_than_an_apply_answer_is_kept() -> None:
+    """A pod turning Ready while the Deployment's apply is answered: the event (newer) must
+    win over the answer (older), or the status stays at `cpu 0/1 ready` for good."""
+    ready: dict[str, Any] = {}
+    fleets: list[Fleet] = []
+
+    class ReadyDuringApply(RecordingClient):
+        async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+            stored = await super().apply(manifest)
+            if manifest["kind"] == "Deployment" and ready:
+                fleets[0].on_child_event("MODIFIED", ready)
+            return stored  # as committed before the pod turned Ready
+
+    client = ReadyDuringApply()
+
+    async def scenario() -> None:
+        fleet, _ = await _reconciled(client, {"cpu": {}})
+        fleets.append(fleet)
+        stored = await RecordingClient().apply(_deployment_manifest(fleet))
+        stored["status"] = {
+            "observedGeneration": 1,
+            "readyReplicas": 1,
+            "updatedReplicas": 1,
+            "availableReplicas": 1,
+        }
+        ready.update(stored)
+        fleet.request(("ns", "demo"), full=True)
+        await _drain(fleet)
+        conditions = {c["type"]: c for c in client.statuses[-1]["conditions"]}
+        assert conditions["Ready"]["status"] == "True"
+
+    run(scenario())
