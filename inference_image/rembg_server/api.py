@@ -14,9 +14,8 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from rembg_server.imaging import Composition
 from rembg_server.params import RembgFormParams, RemoveParams
-from rembg_server.service import RemovalRequest, RemovalResult, RemovalService, RequestRejectedError
+from rembg_server.service import RemovalResult, RemovalService, RequestRejectedError
 
 router = APIRouter()
 
@@ -111,28 +110,13 @@ async def metrics(service: Service) -> Response:
 async def run_removal(
     request: Request, service: Service, data: bytes, params: RemoveParams
 ) -> Response:
-    model = params.model or service.settings.default_model
-    request.state.log.update(model=model, bytes_in=len(data))
-    if params.alpha_matting and not service.settings.alpha_matting_enabled:
-        raise RequestRejectedError(
-            400, "alpha matting is disabled here (REMBG_ALPHA_MATTING_ENABLED)"
-        )
-    removal = RemovalRequest(data, model, params.format, composition_of(params))
+    request.state.log.update(
+        model=params.model or service.settings.default_model, bytes_in=len(data)
+    )
+    removal = service.request_for(data, params)
     deadline = time.monotonic() + service.settings.request_timeout_seconds
     result = await service.remove(removal, deadline, lambda: wait_for_disconnect(request))
     return image_response(request, result)
-
-
-def composition_of(params: RemoveParams) -> Composition:
-    return Composition(
-        only_mask=params.only_mask,
-        post_process_mask=params.post_process_mask,
-        bgcolor=params.rgba,
-        alpha_matting=params.alpha_matting,
-        alpha_matting_foreground_threshold=params.alpha_matting_foreground_threshold,
-        alpha_matting_background_threshold=params.alpha_matting_background_threshold,
-        alpha_matting_erode_size=params.alpha_matting_erode_size,
-    )
 
 
 def image_response(request: Request, result: RemovalResult) -> Response:

@@ -17,7 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rembg_server import __version__
 from rembg_server.api import router
-from rembg_server.metrics import ServerMetrics
+from rembg_server.jobs.manager import JobManager
+from rembg_server.jobs.routes import router as jobs_router
+from rembg_server.metrics import JobMetrics, ServerMetrics
 from rembg_server.service import RemovalService, RequestRejectedError
 from rembg_server.settings import Settings
 
@@ -36,11 +38,17 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = RemovalService(settings, metrics)
         app.state.service = service
+        jobs = JobManager(service, JobMetrics(metrics.registry)) if settings.jobs_enabled else None
+        app.state.jobs = jobs
         preparing = asyncio.create_task(service.prepare()) if autostart else None
         app.state.preparing = preparing
+        if jobs is not None:
+            jobs.start()  # its workers wait for readiness; Redis may come later
         try:
             yield
         finally:
+            if jobs is not None:
+                await jobs.close()
             if preparing is not None and not preparing.done():
                 preparing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -54,6 +62,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(router)
+    app.include_router(jobs_router)
     app.add_exception_handler(RequestRejectedError, _rejected)
     app.add_middleware(RequestLogMiddleware)
     return app

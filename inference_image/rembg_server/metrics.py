@@ -92,3 +92,59 @@ class ServerMetrics:
             self.pending_megapixels,
         ):
             metric.labels(model, device)
+
+
+# Jobs wait in a queue for seconds to hours: these buckets reach a day.
+JOB_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
+
+
+class JobMetrics:
+    """The job path's series (only registered when REMBG_JOBS_ENABLED)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.submitted = Counter(
+            "rembg_jobs_submitted", "Jobs accepted by POST /v1/jobs.", ["model"], registry=registry
+        )
+        self.finished = Counter(
+            "rembg_jobs_finished",
+            "Jobs that reached a terminal state (done, failed, cancelled) in this process.",
+            ["model", "state"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "rembg_jobs_retries",
+            "Job attempts retried: after a worker stopped heart-beating (visibility_timeout) "
+            "or after a transient error (error).",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.running = Gauge(
+            "rembg_jobs_running", "Jobs running in this process.", ["model"], registry=registry
+        )
+        self.backlog = Gauge(
+            "rembg_jobs_backlog",
+            "Unfinished jobs (queued + running) in the shared stream, fleet-wide; sampled "
+            "every 5 s.",
+            registry=registry,
+        )
+        self.oldest_age = Gauge(
+            "rembg_jobs_oldest_age_seconds",
+            "Age of the oldest job no worker has picked up yet (0 when none).",
+            registry=registry,
+        )
+        self.redis_up = Gauge(
+            "rembg_jobs_redis_up", "1 when the last Redis call succeeded.", registry=registry
+        )
+        self.duration = Histogram(
+            "rembg_job_duration_seconds",
+            "Time from submission to a terminal state.",
+            ["model"],
+            buckets=JOB_BUCKETS,
+            registry=registry,
+        )
+
+    def declare(self, model: str) -> None:
+        """Series at zero from the start, like ServerMetrics.declare."""
+        self.submitted.labels(model)
+        self.running.labels(model)
+        self.duration.labels(model)

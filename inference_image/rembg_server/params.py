@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from rembg_server.imaging import Composition
 
 Color = tuple[int, int, int, int]
 
@@ -64,6 +66,52 @@ class RemoveParams(BaseModel):
     def rgba(self) -> Color | None:
         return parse_color(self.bgcolor) if self.bgcolor else None
 
+    def composition(self) -> Composition:
+        return Composition(
+            only_mask=self.only_mask,
+            post_process_mask=self.post_process_mask,
+            bgcolor=self.rgba,
+            alpha_matting=self.alpha_matting,
+            alpha_matting_foreground_threshold=self.alpha_matting_foreground_threshold,
+            alpha_matting_background_threshold=self.alpha_matting_background_threshold,
+            alpha_matting_erode_size=self.alpha_matting_erode_size,
+        )
+
+    def options(self) -> RemoveParams:
+        """Only the removal options (subclasses add submission fields)."""
+        return RemoveParams.model_validate(self.model_dump(include=set(RemoveParams.model_fields)))
+
+
+WebhookUrl = Annotated[
+    str | None, Field(default=None, max_length=2048, description="Called when the job ends")
+]
+
+
+class JobParams(RemoveParams):
+    """Query parameters of POST /v1/jobs with an image body: /v1/remove's, plus a webhook."""
+
+    webhook_url: WebhookUrl = None
+
+
+class BatchItem(RemoveParams):
+    """One item of a batch manifest: the image and every /v1/remove option."""
+
+    image_base64: str = Field(description="The image file, base64-encoded")
+    ref: str | None = Field(default=None, max_length=256, description="Your reference, echoed back")
+
+
+class BatchManifest(BaseModel):
+    """POST /v1/jobs with Content-Type: application/json.
+
+    Items stay raw here: each is parsed on its own (BatchItem), so one malformed item becomes
+    one failed job instead of failing the whole manifest.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: list[Any] = Field(min_length=1, description="BatchItem objects")
+    webhook_url: WebhookUrl = None
+
 
 class RembgFormParams(BaseModel):
     """rembg's own server fields (`rembg s`, POST /api/remove), same names and defaults."""
@@ -95,3 +143,11 @@ class RembgFormParams(BaseModel):
             alpha_matting_background_threshold=self.ab,
             alpha_matting_erode_size=self.ae,
         )
+
+
+def describe_errors(error: ValidationError, whole: str) -> str:
+    """'field: message; ...' for a pydantic error (`whole` names a problem with no field)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in detail['loc']) or whole}: {detail['msg']}"
+        for detail in error.errors()
+    )

@@ -41,6 +41,7 @@ from rembg_server.imaging import (
     probe,
 )
 from rembg_server.metrics import ServerMetrics
+from rembg_server.params import RemoveParams
 from rembg_server.settings import Settings
 
 log = logging.getLogger("rembg_server")
@@ -121,6 +122,10 @@ class RemovalService:
         self._prepared = False
         self._warming: str | None = None
         self._draining = False
+        self.drain_started_at: float | None = None  # time.monotonic() of begin_drain
+        # Replaced on every release: whoever waits on the current one wakes at the next free
+        # slot (a broadcast; the job workers use it to compete for room with new requests).
+        self._vacancy = asyncio.Event()
         # Pillow's own bomb guard at our limit; larger headers raise DecompressionBombError in
         # probe(). The in-between warning is redundant with our explicit check.
         Image.MAX_IMAGE_PIXELS = settings.max_pixels
@@ -234,6 +239,8 @@ class RemovalService:
         return images
 
     def begin_drain(self) -> None:
+        if self.drain_started_at is None:
+            self.drain_started_at = time.monotonic()
         self._draining = True
         self._publish_readiness()
 
@@ -273,6 +280,17 @@ class RemovalService:
 
     # --- requests --------------------------------------------------------------------------
 
+    def request_for(self, data: bytes, params: RemoveParams) -> RemovalRequest:
+        """The removal the parameters ask for; 400 when this server cannot do it."""
+        model = params.model or self.settings.default_model
+        if model not in self.settings.models:
+            raise RequestRejectedError(400, self._unknown_model_message(model))
+        if params.alpha_matting and not self.settings.alpha_matting_enabled:
+            raise RequestRejectedError(
+                400, "alpha matting is disabled here (REMBG_ALPHA_MATTING_ENABLED)"
+            )
+        return RemovalRequest(data, model, params.format, params.composition())
+
     async def remove(
         self,
         request: RemovalRequest,
@@ -294,7 +312,7 @@ class RemovalService:
             if hit is not None:
                 media = MEDIA_TYPES[request.output]
                 return RemovalResult(hit, media, request.model, None, Timings(), cached=True)
-        header = self._probe(request.data)
+        header = self.probe_image(request.data)
         ticket = self._admit(request.model, header)
         started = time.monotonic()
         try:
@@ -310,11 +328,17 @@ class RemovalService:
     def _unknown_model_message(self, name: str) -> str:
         return f"model {name!r} is not served here; served: {list(self.settings.models)}"
 
-    def _probe(self, data: bytes) -> ImageHeader:
+    def probe_image(self, data: bytes) -> ImageHeader:
+        """The header, or the 4xx /v1/remove answers for this body (without decoding it)."""
         try:
             return probe(data, self.settings.max_pixels)
         except ImageRejectedError as error:
             raise RequestRejectedError(error.status, error.message) from error
+
+    def vacancy(self) -> asyncio.Event:
+        """Set at the next release of an admission ticket. Take it *before* trying to be
+        admitted, so a release between a 429 and the wait is not missed."""
+        return self._vacancy
 
     def shed_if_full(self) -> None:
         """Refuse early, before the body is parsed, when no request could be admitted now."""
@@ -340,6 +364,8 @@ class RemovalService:
 
     def _release(self, model: str, ticket: Ticket, seconds: float) -> None:
         self.budget.release(ticket, seconds)
+        self._vacancy.set()
+        self._vacancy = asyncio.Event()
         labels = (model, self.device_of(model))
         self.metrics.pending_requests.labels(*labels).dec()
         self.metrics.pending_megapixels.labels(*labels).dec(ticket.megapixels)

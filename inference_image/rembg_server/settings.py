@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import onnxruntime as ort
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rembg_server.checksums import Digest
@@ -82,11 +89,47 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # --- the asynchronous job path (/v1/jobs), backed by a Redis the user brings -----------
+    jobs_enabled: bool = False
+    jobs_redis_address: str = Field(default="127.0.0.1:6379", description="host:port")
+    jobs_redis_username: str = ""
+    jobs_redis_password: SecretStr = SecretStr("")
+    jobs_redis_db: int = Field(default=0, ge=0)
+    jobs_redis_tls: bool = False
+    jobs_key_prefix: str = Field(default="rembg", min_length=1)
+    jobs_concurrency: int = Field(
+        default=0,
+        ge=0,
+        description="job workers per process; 0 = auto: inference sessions of all models + 1, "
+        "at least 2; never more than REMBG_QUEUE_MAX_REQUESTS - 1",
+    )
+    jobs_result_ttl_seconds: int = Field(default=86_400, gt=0)
+    jobs_max_attempts: int = Field(default=3, ge=1)
+    jobs_visibility_timeout_seconds: float = Field(default=30.0, gt=0)
+    jobs_max_backlog: int = Field(default=100_000, gt=0)
+    jobs_max_batch_items: int = Field(default=500, gt=0)
+    jobs_max_batch_bytes: int = Field(default=100 * _MIB, gt=0)
+    jobs_webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = ()
+    jobs_webhook_secret: SecretStr = SecretStr("")
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_models(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("jobs_webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(host.strip().lower() for host in value.split(",") if host.strip())
+        return value
+
+    @field_validator("jobs_redis_address")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        redis_endpoint(value)
         return value
 
     @field_validator("models")
@@ -121,6 +164,11 @@ class Settings(BaseSettings):
                 f"max_pixels ({self.max_pixels}) exceeds queue_max_megapixels "
                 f"({self.queue_max_megapixels}): such an image could never be admitted"
             )
+        if self.jobs_enabled and self.queue_max_requests == 1:
+            raise ValueError(
+                "jobs need REMBG_QUEUE_MAX_REQUESTS >= 2: job workers leave the synchronous path "
+                "at least one slot, so with 1 no job could ever run"
+            )
         return self
 
     @property
@@ -145,6 +193,14 @@ class Settings(BaseSettings):
     def resolved_cpu_workers(self) -> int:
         return self.cpu_workers or cpu_limit()
 
+    def resolved_jobs_concurrency(self) -> int:
+        """Job workers: enough to keep every inference session busy with one job decoding
+        while another infers, capped so the synchronous path always keeps one slot."""
+        wanted = self.jobs_concurrency or max(
+            2, len(self.models) * self.resolved_inference_workers() + 1
+        )
+        return max(1, min(wanted, self.resolved_queue_max_requests() - 1))
+
 
 def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     """CPUs this process may use: the cgroup v2 quota if one is set, else its affinity mask."""
@@ -156,6 +212,15 @@ def cpu_limit(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
     if quota == "max":
         return available
     return max(1, min(available, math.ceil(int(quota) / int(period))))
+
+
+def redis_endpoint(address: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') -> (host, port); ValueError names what is wrong."""
+    host, separator, port = address.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not separator or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not host:port")
+    return host, int(port)
 
 
 def describe_error(error: ValidationError) -> str:

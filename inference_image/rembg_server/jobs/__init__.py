@@ -1,0 +1,1 @@
+"""The asynchronous job path: /v1/jobs backed by Redis, run by in-process workers."""
