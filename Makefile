@@ -99,14 +99,17 @@ e2e-kind: ## The e2e suite against a kind cluster (needs Docker)
 	e2e/kind/run.sh
 
 ##@ Benchmarks
-.PHONY: bench bench-server bench-operator
-bench: bench-server bench-operator ## All benchmarks
+.PHONY: bench bench-server bench-operator bench-jobs
+bench: bench-server bench-operator bench-jobs ## All benchmarks
 
 bench-server: venv model ## Our server vs `rembg s` (PyPI, in .bench-venv) vs the model-only ceiling
 	$(PY) bench/bench_server.py
 
 bench-operator: setup ## 1/100/500 RembgServices on the local control plane
 	$(PY) bench/bench_operator.py
+
+bench-jobs: system-deps venv model ## The job path (/v1/jobs via a real Redis) vs the sync path, same images
+	$(PY) bench/bench_jobs.py
 
 ##@ Images
 .PHONY: images

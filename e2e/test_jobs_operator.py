@@ -19,7 +19,6 @@ the module is done. Bounded: at most MAX_JOBS jobs, all to 127.0.0.1.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -242,9 +241,6 @@ BACKLOG_TARGET = 5
 MAX_REPLICAS = 3
 SCALE_TIMEOUT = 180.0
 DRAIN_TIMEOUT = 420.0
-# The operator side can land before the server side of issue 7; until the server has its job
-# path there is nothing to export the backlog.
-SERVER_HAS_JOBS = importlib.util.find_spec("rembg_server.jobs") is not None
 
 
 @pytest.fixture
@@ -306,9 +302,6 @@ def _rescale_messages(cluster: DevCluster, namespace: str) -> list[str]:
     return [str(e.get("message", "")) for e in listing.get("items", [])]
 
 
-@pytest.mark.skipif(
-    not SERVER_HAS_JOBS, reason="rembg_server has no job path (rembg_server.jobs) in this tree"
-)
 def test_backlog_scales_the_pool_up_and_back_down(
     jobs_cluster: DevCluster,
     namespace: str,
