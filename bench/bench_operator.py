@@ -37,6 +37,7 @@ from typing import Any
 
 import aiohttp
 import psutil
+from kubernetes_asyncio.client.exceptions import ApiException
 from rembg_devcluster import ClusterConfig, DevCluster
 from rembg_devcluster.external import ExternalCluster
 from rembg_devcluster.nodes import build_kwok_node
@@ -132,8 +133,9 @@ async def watch(
                     version = event["object"]["metadata"].get("resourceVersion") or version
                     if event["type"] != "BOOKMARK":
                         on_event(event)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            # A loaded API server drops streams; losing one would lose every later event.
+        except (ApiException, aiohttp.ClientError, TimeoutError, ValueError) as error:
+            # A loaded API server drops streams (or answers 429 while a new CRD's watch cache
+            # starts); losing one would lose every later event.
             print(f"watch {path}: {error!r}, reconnecting", file=sys.stderr, flush=True)
             await asyncio.sleep(0.5)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -18,6 +19,23 @@ from rembg_operator.kube import KubeClient
 log = logging.getLogger(__name__)
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff-base: kopf builds one, a deep copy of the whole body, on every event of every
+    watched resource, for change handlers; this operator has none, and with a burst of
+    hundreds of services those copies were a sixth of its CPU (py-spy)."""
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     watching = settings.watching
     # kopf's known failure: a watch stream that silently stops delivering events. Bounded
@@ -28,6 +46,7 @@ def configure_kopf(settings: kopf.OperatorSettings, config: OperatorConfig) -> N
     watching.connect_timeout = 30
     watching.inactivity_timeout = config.watch_inactivity_timeout_seconds
     # No kopf state lives on the objects: every handler is an event handler (see handlers).
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.enabled = False  # the Fleet posts the Events users need itself
     settings.networking.request_timeout = 60
     settings.peering.standalone = True

@@ -1,10 +1,12 @@
-"""Pure helpers of the pipeline and the API module (no cluster)."""
+"""Pure helpers of the pipeline, the API module and the kopf settings (no cluster)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import kopf
 import pytest
+from rembg_operator.config import OperatorConfig
 from rembg_operator.fleet import essence, merge_patch, parse_spec
 from rembg_operator.kube import (
     RESOURCES,
@@ -14,6 +16,7 @@ from rembg_operator.kube import (
     resource_path,
 )
 from rembg_operator.rbac import RULES, build_cluster_role, build_namespaced_roles
+from rembg_operator.settings import configure_kopf
 
 
 def test_parse_spec_valid() -> None:
@@ -195,3 +198,16 @@ def test_json_or_none() -> None:
     assert _json_or_none(b'{"a": 1}') == {"a": 1}
     assert _json_or_none(b"404 page not found") is None
     assert _json_or_none(b"[1]") is None
+
+
+def test_kopf_settings_bound_every_watch_and_skip_the_diff_base() -> None:
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, OperatorConfig(metrics_port=0, liveness_port=0))
+    assert settings.watching.server_timeout == 300
+    assert settings.watching.client_timeout == 330
+    assert settings.watching.inactivity_timeout == 90
+    # kopf asks the diff-base storage on every event; ours answers without copying the body.
+    storage = settings.persistence.diffbase_storage
+    body = kopf.Body({"metadata": {"name": "x", "annotations": {"a": "b"}}, "spec": {"big": [1]}})
+    assert storage.build(body=body) == {}
+    assert storage.fetch(body=body) is None
