@@ -14,7 +14,6 @@ and any worker takes over an entry idle longer than that (its worker died).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -95,10 +94,16 @@ async def wait_any(*events: asyncio.Event, seconds: float | None = None) -> None
 
 
 class ClaimKeeper:
-    """Refreshes one claim while its job runs, and says when and why to stop."""
+    """Refreshes one claim while its job runs, and says when and why to stop.
+
+    It is ended by `finished`, never by cancelling its task: redis-py may swallow a
+    cancellation that lands inside a command (measured: about a third of the time), and a
+    keeper that missed it would hold its claim forever.
+    """
 
     def __init__(self) -> None:
-        self.stop = asyncio.Event()
+        self.stop = asyncio.Event()  # the job must stop (cancelled, lost, handed back)
+        self.finished = asyncio.Event()  # the job's attempt is over: stop refreshing
         self.why = "lost"
 
     def interrupt(self, why: str) -> None:
@@ -136,7 +141,11 @@ class JobWorkers:
         self._sampler = loop.create_task(self._sample(), name="job-backlog-sampler")
 
     async def stop(self, deadline: float) -> None:
-        """Stop claiming; jobs still running at `deadline` (monotonic) are handed back."""
+        """Stop claiming; jobs still running at `deadline` (monotonic) are handed back.
+
+        Every loop here ends on its own once told to (after at most one Redis call), so
+        nothing is cancelled but what overruns the handback: see ClaimKeeper on why.
+        """
         self._stopping.set()
         running = {task for task in self._tasks if not task.done()}
         if running:
@@ -144,10 +153,12 @@ class JobWorkers:
         if running:
             self._abort.set()
             _, running = await asyncio.wait(running, timeout=HANDBACK_SECONDS)
-        for task in [*running, *([self._sampler] if self._sampler else [])]:
+        if self._sampler is not None:
+            _, sampling = await asyncio.wait({self._sampler}, timeout=HANDBACK_SECONDS)
+            running |= sampling
+        for task in running:
+            log.warning("job task did not stop", extra={"fields": {"task": task.get_name()}})
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
     # --- the consumer loop ----------------------------------------------------------------------
 
@@ -169,7 +180,10 @@ class JobWorkers:
             if isinstance(claimed, GaveUp):
                 self._on_terminal(claimed.record)
             elif claimed is not None:
-                await self._execute(claimed)
+                try:
+                    await self._execute(claimed)
+                except Exception:  # the claim lapses and another attempt runs it
+                    log.exception("job worker error", extra={"fields": {"consumer": consumer}})
 
     async def _may_take_a_job(self) -> bool:
         """Wait while the server is not ready or has no free request slot; True once it has
@@ -202,16 +216,17 @@ class JobWorkers:
         try:
             outcome = await self._attempt(claim, keeper)
         finally:
-            refreshing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refreshing
+            keeper.finished.set()
+            await refreshing  # returns within one Redis call
             self.metrics.running.labels(model).dec()
         await self._settle(claim, outcome)
 
     async def _keep_claim(self, claim: Claim, keeper: ClaimKeeper) -> None:
         interval = self.settings.jobs_visibility_timeout_seconds / 3
         while True:
-            await wait_any(self._abort, seconds=interval)
+            await wait_any(self._abort, keeper.finished, seconds=interval)
+            if keeper.finished.is_set():
+                return
             if self._abort.is_set():
                 keeper.interrupt("handback")
                 return
@@ -219,6 +234,9 @@ class JobWorkers:
                 state = await self.store.refresh(claim)
             except JobStoreUnavailableError:
                 continue  # keep working: the result is stored once Redis is back
+            except Exception:  # keep the job; at worst its claim lapses and it runs again
+                log.exception("claim refresh failed", extra={"fields": {"job": claim.record.id}})
+                continue
             if state != "running":
                 keeper.interrupt("cancelled" if state == "cancelled" else "lost")
                 return
