@@ -183,8 +183,10 @@ def test_a_replica_killed_mid_job_loses_nothing(
 
     final = wait_all_done([survivor], ids)
 
-    for job_id in orphaned:  # retried on the survivor after the visibility timeout
-        assert final[job_id]["attempts"] >= 2, final[job_id]
+    # Each orphan was taken over by the survivor once its claim went silent. Its attempt count
+    # is 2, or 1 when the victim died between reading the entry and starting the job.
+    for job_id in orphaned:
+        assert final[job_id]["attempts"] in (1, 2), final[job_id]
     retries = survivor.metric("rembg_jobs_retries_total", reason="visibility_timeout")
     assert retries >= len(orphaned)
     assert redis_client.xlen(STREAM) == 0
