@@ -19,21 +19,18 @@ from rembg_server.service import RemovalResult, RemovalService, RequestRejectedE
 
 router = APIRouter()
 
-IMAGE_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-        },
-    }
+# OpenAPI: an image as the raw body or as multipart `file` (the job API adds a JSON manifest).
+IMAGE_CONTENT: dict[str, Any] = {
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "multipart/form-data": {
+        "schema": {
+            "type": "object",
+            "properties": {"file": {"type": "string", "format": "binary"}},
+            "required": ["file"],
+        }
+    },
 }
+IMAGE_BODY = {"requestBody": {"required": True, "content": IMAGE_CONTENT}}
 RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}, "image/webp": {}}, "description": "The cutout"},
     400: {"description": "Corrupt image, empty body or unknown model"},

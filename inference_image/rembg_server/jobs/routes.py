@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from rembg_server.api import read_body, read_image
+from rembg_server.api import IMAGE_CONTENT, read_body, read_image
 from rembg_server.jobs.manager import JobManager, JobNotDoneError
 from rembg_server.jobs.records import JOB_ID, status_url
 from rembg_server.params import BatchItem, BatchManifest, JobParams, describe_errors
@@ -17,31 +17,21 @@ from rembg_server.service import RequestRejectedError
 router = APIRouter(tags=["jobs"])
 
 _ITEM_SCHEMA = BatchItem.model_json_schema()
+_MANIFEST_SCHEMA = {
+    "title": "BatchManifest",
+    "type": "object",
+    "properties": {
+        "items": {"type": "array", "minItems": 1, "items": _ITEM_SCHEMA},
+        "webhook_url": {"type": "string", "nullable": True},
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
+# /v1/remove's image body, or the batch manifest.
 SUBMIT_BODY = {
     "requestBody": {
         "required": True,
-        "content": {
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"file": {"type": "string", "format": "binary"}},
-                    "required": ["file"],
-                }
-            },
-            "application/json": {
-                "schema": {
-                    "title": "BatchManifest",
-                    "type": "object",
-                    "properties": {
-                        "items": {"type": "array", "minItems": 1, "items": _ITEM_SCHEMA},
-                        "webhook_url": {"type": "string", "nullable": True},
-                    },
-                    "required": ["items"],
-                    "additionalProperties": False,
-                }
-            },
-        },
+        "content": {**IMAGE_CONTENT, "application/json": {"schema": _MANIFEST_SCHEMA}},
     }
 }
 Responses = dict[int | str, dict[str, Any]]
