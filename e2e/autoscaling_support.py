@@ -14,14 +14,16 @@ import io
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from PIL import Image
+from rembg_devcluster import DevCluster
+from rembg_devcluster.metrics_stack import keda_crds_dir
 
-from e2e.operator_support import eventually, free_port
+from e2e.operator_support import eventually, free_port, install_crd
 
 SERVER_ENV = {
     "REMBG_HOST": "127.0.0.1",
@@ -36,6 +38,30 @@ SERVER_ENV = {
     "REMBG_LOG_FORMAT": "json",
     "REMBG_LOG_LEVEL": "warning",
 }
+
+
+def autoscaling_cluster(
+    cluster_factory: Callable[..., DevCluster], hpa_sync_period: str
+) -> Iterator[DevCluster]:
+    """A CPU-only cluster whose HPA controller syncs every `hpa_sync_period`, with our CRD and
+    KEDA's; stopped with everything on it when the module using it is done, so the rest of the
+    session does not share the CPU with it (the factory's own stop is then a no-op)."""
+    started = cluster_factory(
+        gpu_nodes=0,
+        controller_manager_args=(
+            f"--horizontal-pod-autoscaler-sync-period={hpa_sync_period}",
+            # KWOK posts node status only every ~20-60 s (no leases); past the default 50 s
+            # grace the node controller marks every pod NotReady for good, and the HPA and the
+            # status would watch unready pods. Seen on a loaded 2-core machine.
+            "--node-monitor-grace-period=10m",
+        ),
+    )
+    try:
+        install_crd(started)
+        started.install_crds(sorted(keda_crds_dir().glob("*.yaml")))
+        yield started
+    finally:
+        started.stop()
 
 
 def start_servers(

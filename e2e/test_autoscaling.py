@@ -29,19 +29,18 @@ from typing import Any, TypeVar
 
 import pytest
 from rembg_devcluster import DevCluster
-from rembg_devcluster.metrics_stack import MetricsStack, keda_crds_dir, parse_quantity
+from rembg_devcluster.metrics_stack import MetricsStack, parse_quantity
 from rembg_operator.custom_metrics import (
     LATENCY_P95_METRIC,
     QUEUE_DEPTH_METRIC,
     build_adapter_config,
 )
 
-from e2e.autoscaling_support import LoadGenerator, start_servers
+from e2e.autoscaling_support import LoadGenerator, autoscaling_cluster, start_servers
 from e2e.operator_support import (
     OperatorProcess,
     eventually,
     get,
-    install_crd,
     kubectl_apply,
     rembg_service,
     running_operator,
@@ -117,25 +116,7 @@ class Environment:
 
 @pytest.fixture(scope="module")
 def hpa_cluster(cluster_factory: Callable[..., DevCluster]) -> Iterator[DevCluster]:
-    """A cluster whose HPA controller syncs every HPA_SYNC_PERIOD, with KEDA's CRDs; stopped
-    with everything on it (servers, Prometheus, adapter) when this module is done, so the
-    rest of the session does not share the CPU with it (the factory's stop is then a no-op)."""
-    started = cluster_factory(
-        gpu_nodes=0,
-        controller_manager_args=(
-            f"--horizontal-pod-autoscaler-sync-period={HPA_SYNC_PERIOD}",
-            # KWOK posts node status only every ~20-60 s (no leases); past the default 50 s
-            # grace the node controller marks every pod NotReady for good, and the HPA and the
-            # status would watch unready pods. Seen on a loaded 2-core machine.
-            "--node-monitor-grace-period=10m",
-        ),
-    )
-    try:
-        install_crd(started)
-        started.install_crds(sorted(keda_crds_dir().glob("*.yaml")))
-        yield started
-    finally:
-        started.stop()
+    yield from autoscaling_cluster(cluster_factory, HPA_SYNC_PERIOD)
 
 
 @pytest.fixture(scope="module")

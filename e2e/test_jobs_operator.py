@@ -27,15 +27,20 @@ from typing import Any
 
 import pytest
 from rembg_devcluster import DevCluster
-from rembg_devcluster.metrics_stack import MetricsStack, keda_crds_dir
+from rembg_devcluster.metrics_stack import MetricsStack
 from rembg_operator.custom_metrics import JOBS_BACKLOG_METRIC, build_adapter_config
 
-from e2e.autoscaling_support import job_states, small_png, start_servers, submit_jobs
+from e2e.autoscaling_support import (
+    autoscaling_cluster,
+    job_states,
+    small_png,
+    start_servers,
+    submit_jobs,
+)
 from e2e.operator_support import (
     OperatorProcess,
     eventually,
     get,
-    install_crd,
     kubectl_apply,
     rembg_service,
     running_operator,
@@ -54,20 +59,7 @@ JOBS = {
 
 @pytest.fixture(scope="module")
 def jobs_cluster(cluster_factory: Callable[..., DevCluster]) -> Iterator[DevCluster]:
-    started = cluster_factory(
-        gpu_nodes=0,
-        controller_manager_args=(
-            "--horizontal-pod-autoscaler-sync-period=2s",
-            # As in test_autoscaling: KWOK's node heartbeats are slow on a loaded 2-core host.
-            "--node-monitor-grace-period=10m",
-        ),
-    )
-    try:
-        install_crd(started)
-        started.install_crds(sorted(keda_crds_dir().glob("*.yaml")))
-        yield started
-    finally:
-        started.stop()
+    yield from autoscaling_cluster(cluster_factory, "2s")
 
 
 @pytest.fixture
