@@ -34,12 +34,9 @@ WATCH = ("get", "list", "watch")
 APPLY = ("get", "list", "watch", "create", "patch", "delete")
 
 RULES: tuple[Rule, ...] = (
-    Rule(
-        API_GROUP,
-        (PLURAL,),
-        ("get", "list", "watch", "patch"),
-        why="the custom resource; patch for kopf's last-handled annotation",
-    ),
+    # Read only: the operator's handlers are event handlers, so kopf writes no annotation or
+    # finalizer on the resource; everything the operator writes goes to the status subresource.
+    Rule(API_GROUP, (PLURAL,), WATCH, why="the custom resource"),
     Rule(API_GROUP, (f"{PLURAL}/status",), ("get", "patch", "update"), why="status writes"),
     Rule(
         API_GROUP,
