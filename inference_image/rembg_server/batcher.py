@@ -41,9 +41,9 @@ BatchObserver = Callable[[int, float, list[float]], None]  # size, inference s, 
 class BatchWorker:
     """Collects up to `max_size` jobs (waiting at most `max_wait` for more) per model call.
 
-    Several workers (each with its own onnxruntime session and thread) may share one queue:
-    on a few CPU cores, two single-threaded sessions side by side beat one two-threaded
-    session, whose parallel sections stall whenever decode/encode work preempts a thread.
+    Several workers (each with its own onnxruntime session and thread) may share one queue
+    (REMBG_INFERENCE_WORKERS); by default one session uses every CPU thread, and the
+    decode/encode threads yield to it (see RemovalService).
     """
 
     def __init__(

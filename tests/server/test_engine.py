@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,13 @@ from rembg_server.engine import (
     SERVABLE_MODELS,
     LoadRequest,
     RecipeModel,
+    build_session_options,
     load_model,
     with_dynamic_batch,
 )
 from rembg_server.imaging import encode_png
 from rembg_server.memory import limit_allocator_growth
+from rembg_server.service import lower_thread_priority
 from rembg_server.settings import Settings, cpu_limit
 
 
@@ -243,3 +247,31 @@ def test_every_servable_name_is_a_local_rembg_model_with_a_single_file() -> None
 
 def test_allocator_limits_apply_on_glibc() -> None:
     assert limit_allocator_growth() is True
+
+
+def test_the_default_layout_is_one_session_with_every_cpu_thread() -> None:
+    settings = Settings()
+    assert settings.resolved_inference_workers() == 1
+    assert settings.resolved_threads() == cpu_limit()
+    assert Settings(inference_workers=2, threads=0).resolved_threads() == max(1, cpu_limit() // 2)
+
+
+def test_session_options_bound_the_arena_to_one_run_and_never_spin() -> None:
+    options = build_session_options(2)
+    assert options.enable_cpu_mem_arena is True
+    assert options.intra_op_num_threads == 2
+    assert options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert build_session_options(1, cpu_arena=False).enable_cpu_mem_arena is False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+@pytest.mark.parametrize(("nice", "expected"), [(0, 0), (10, 10), (40, 19)])
+def test_cpu_workers_run_niced_and_only_they_do(nice: int, expected: int) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(nice,)) as pool:
+        niceness = pool.submit(
+            lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        ).result()
+    assert niceness == min(19, base + expected)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
