@@ -26,6 +26,7 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": data.astronaut,
     "coffee": data.coffee,
     "chelsea": data.chelsea,
+    "immunohistochemistry": data.immunohistochemistry,
 }
 
 
