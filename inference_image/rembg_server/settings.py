@@ -75,8 +75,8 @@ class Settings(BaseSettings):
     queue_max_requests: int = Field(
         default=0,
         ge=0,
-        description="admitted requests at once; 0 = 3 per CPU (beyond that, latency grows "
-        "linearly with no throughput gain)",
+        description="admitted requests at once; 0 = 2 per CPU (one inferring, one in "
+        "decode/encode per core keeps the pipeline full; more only adds latency)",
     )
     queue_max_megapixels: float = Field(default=200.0, gt=0)
     request_timeout_seconds: float = Field(default=60.0, gt=0)
@@ -189,7 +189,7 @@ class Settings(BaseSettings):
         return self.threads or max(1, cpu_limit() // self.resolved_inference_workers())
 
     def resolved_queue_max_requests(self) -> int:
-        return self.queue_max_requests or 3 * cpu_limit()
+        return self.queue_max_requests or 2 * cpu_limit()
 
     def resolved_cpu_workers(self) -> int:
         return self.cpu_workers or cpu_limit()
