@@ -259,7 +259,7 @@ def bench_servers(servers: list[Server], images: list[bytes]) -> list[LevelResul
 def model_only_ceiling(model_path: Path, images: list[bytes], threads: int) -> float:
     """img/s of onnxruntime alone on the preprocessed inputs, the best of three layouts:
     one session with `threads` threads (our options, then onnxruntime's defaults), and
-    `threads` single-threaded sessions side by side (the server's CPU layout)."""
+    `threads` single-threaded sessions side by side (REMBG_INFERENCE_WORKERS=<CPUs>)."""
     default = ort.SessionOptions()
     default.intra_op_num_threads = threads
     layouts = {

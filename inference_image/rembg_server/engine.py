@@ -204,7 +204,7 @@ class RecipeModel:
 
         The resize is rembg's exact plain LANCZOS from full size. A cheaper box-reduce first
         (Pillow's reducing_gap) saves ~13-25 ms on 1920x1080, but u2netp is sensitive enough
-        to the input that masks then differ from rembg's by up to 4.6/255 on some photos.
+        to the input that masks then differ from rembg's by up to 9/255 on some photos.
         """
         side = self.recipe.size
         rgb = image if image.mode == "RGB" else image.convert("RGB")
