@@ -17,7 +17,11 @@ from tests.server.processes import ServerProcess, start_server, wait_for
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    running = start_server(model_dir, tmp_path_factory.mktemp("server"))
+    # Room for 4 busy requests plus the one that hangs up, whatever this machine's CPU count
+    # (the default admits 2 per CPU).
+    running = start_server(
+        model_dir, tmp_path_factory.mktemp("server"), REMBG_QUEUE_MAX_REQUESTS="8"
+    )
     yield running
     running.stop()
 
