@@ -57,7 +57,7 @@ publish() { # tmpdir dir name version seconds: atomically replace dir with tmpdi
 # etcd is the server version Kubernetes itself pins (go.etcd.io/etcd/server/v3 in its module
 # graph): kube-apiserver needs etcd >= 3.5.13 for RequestWatchProgress, without which watch-list
 # requests (KWOK's) fail and its pod updates lag by up to a minute.
-k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd)
+k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kubelet kube-proxy)
 k8s_bin=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
 if ! is_cached "$k8s_bin" kubernetes "$KUBERNETES_VERSION" "${k8s_components[@]}"; then
   current_step="kubernetes $KUBERNETES_VERSION"

@@ -23,6 +23,7 @@ def _up(args: argparse.Namespace) -> int:
         state_dir=args.dir,
         monitoring_crds=not args.no_monitoring_crds,
         apiserver_port=args.port,
+        real_node=args.real_node,
     )
     cluster = DevCluster.start(config)
     timings = cluster.state.timings_seconds
@@ -91,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--port", type=int, default=None, help="kube-apiserver port (default: a free one)"
+    )
+    up.add_argument(
+        "--real-node",
+        action="store_true",
+        help="also run a real node (kubelet + containerd, our images; Linux and root only)",
     )
     up.set_defaults(handler=_up)
     sub.add_parser("down", help="stop every process of the cluster").set_defaults(handler=_down)

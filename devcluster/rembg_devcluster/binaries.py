@@ -44,6 +44,8 @@ class Binaries:
     kwok: Path
     helm: Path
     monitoring_crds_dir: Path
+    kubelet: Path
+    kube_proxy: Path
 
     @property
     def kubectl_dir(self) -> Path:
@@ -79,6 +81,8 @@ def locate_binaries(root: Path | None = None, versions: dict[str, str] | None = 
         kube_controller_manager=k8s / "kube-controller-manager",
         kube_scheduler=k8s / "kube-scheduler",
         kubectl=k8s / "kubectl",
+        kubelet=k8s / "kubelet",
+        kube_proxy=k8s / "kube-proxy",
         kwok=bin_root / f"kwok-{pins['KWOK_VERSION']}" / "kwok",
         helm=bin_root / f"helm-{pins['HELM_VERSION']}" / "helm",
         monitoring_crds_dir=bin_root

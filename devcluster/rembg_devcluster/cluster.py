@@ -24,9 +24,10 @@ import httpx
 import yaml
 from pydantic import BaseModel
 
-from rembg_devcluster import flags, nodes, pki
+from rembg_devcluster import flags, host_state, node_config, nodes, pki, real_node
 from rembg_devcluster.binaries import Binaries, locate_binaries
 from rembg_devcluster.errors import ComponentTimeoutError, DevClusterError
+from rembg_devcluster.images import INDEX_FILE, SANDBOX_IMAGE, ImageIndex, load_image_index
 from rembg_devcluster.kube import KubeHandle
 from rembg_devcluster.kubeconfig import (
     CertCredentials,
@@ -35,6 +36,7 @@ from rembg_devcluster.kubeconfig import (
     write_kubeconfig,
 )
 from rembg_devcluster.layout import Layout, Ports
+from rembg_devcluster.node_config import NodeNetwork, NodePaths, NodePorts
 from rembg_devcluster.ports import ensure_ports_free, free_port
 from rembg_devcluster.process import (
     ProcessHost,
@@ -44,6 +46,7 @@ from rembg_devcluster.process import (
     spawn,
     stop,
 )
+from rembg_devcluster.real_node import NODE_PROCESSES, NodePki, RealNodeState
 
 ADMIN_USER = "rembg-admin"
 # Stop order: whatever runs on top of the cluster first, then the watchers, then the store.
@@ -81,6 +84,10 @@ class ClusterConfig:
     # Appended to kube-controller-manager's command line, e.g. a short
     # --horizontal-pod-autoscaler-sync-period for autoscaling tests.
     controller_manager_args: tuple[str, ...] = ()
+    # A real node (kubelet + containerd) beside the KWOK nodes; see real_node.py. It imports
+    # the images listed in images_index (written by `make images`).
+    real_node: bool = False
+    images_index: Path = INDEX_FILE
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,7 @@ class _Boot:
     t0: float
     admin_token: str
     controller_manager_args: tuple[str, ...] = ()
+    node_ip: str | None = None
 
 
 class ClusterState(BaseModel):
@@ -105,7 +113,11 @@ class ClusterState(BaseModel):
     monitoring_crds: bool
     kubectl: Path
     helm: Path
+    kube_proxy: Path = Path("kube-proxy")
     timings_seconds: dict[str, float] = {}
+    node: RealNodeState | None = None
+    # What the real node's teardown could not put back (empty: the host is as it was).
+    teardown_problems: list[str] = []
 
 
 def _read_state(path: Path) -> ClusterState | None:
@@ -125,12 +137,12 @@ def _pick_ports(apiserver_port: int | None) -> Ports:
     )
 
 
-def write_pki(layout: Layout) -> str:
+def write_pki(layout: Layout, node_ip: str | None = None) -> str:
     """Writes every certificate, key and the token file; returns the admin token."""
     ca = pki.build_ca()
     pki.write_private(layout.ca_cert, ca.cert_pem)
     pki.write_private(layout.ca_key, ca.key_pem)
-    serving = pki.build_serving_cert(ca)
+    serving = pki.build_serving_cert(ca, ips=(*pki.SERVING_IPS, *([node_ip] if node_ip else [])))
     pki.write_private(layout.serving_cert, serving.cert_pem)
     pki.write_private(layout.serving_key, serving.key_pem)
     for name in ("kube-controller-manager-serving", "kube-scheduler-serving"):
@@ -140,6 +152,12 @@ def write_pki(layout: Layout) -> str:
         pki.write_private(layout.cert(name), pair.cert_pem)
         pki.write_private(layout.key(name), pair.key_pem)
     write_front_proxy_pki(layout)
+    if node_ip:
+        # The API server's identity towards kubelets (logs, exec): full rights on them.
+        identity = pki.ClientIdentity(flags.KUBELET_CLIENT, ("system:masters",))
+        client = pki.build_client_cert(ca, identity)
+        pki.write_private(layout.cert(flags.KUBELET_CLIENT), client.cert_pem)
+        pki.write_private(layout.key(flags.KUBELET_CLIENT), client.key_pem)
     sa_private, sa_public = pki.build_service_account_key()
     pki.write_private(layout.sa_private_key, sa_private)
     pki.write_private(layout.sa_public_key, sa_public)
@@ -149,6 +167,34 @@ def write_pki(layout: Layout) -> str:
     )
     pki.write_private(layout.token_file, (line + "\n").encode())
     return admin_token
+
+
+def write_node_pki(layout: Layout, server: str, node_ip: str) -> NodePki:
+    """Identities of the real node: kubelet (system:node:<name>, for the Node authorizer),
+    kube-proxy (system:kube-proxy, bound to system:node-proxier by the bootstrap policy) and the
+    kubelet's serving certificate."""
+    ca_pem = layout.ca_cert.read_bytes()
+    ca = pki.KeyPair(ca_pem, layout.ca_key.read_bytes())
+    name = node_config.NODE_NAME
+    for component, identity in (
+        ("kubelet", pki.ClientIdentity(f"system:node:{name}", ("system:nodes",))),
+        ("kube-proxy", pki.ClientIdentity("system:kube-proxy")),
+    ):
+        pair = pki.build_client_cert(ca, identity)
+        document = build_kubeconfig(
+            server, ca_pem, identity.user, CertCredentials(pair.cert_pem, pair.key_pem)
+        )
+        write_kubeconfig(layout.component_kubeconfig(component), document)
+    serving = pki.build_serving_cert(ca, common_name=name, dns_names=(name,), ips=(node_ip,))
+    pki.write_private(layout.cert("kubelet-serving"), serving.cert_pem)
+    pki.write_private(layout.key("kubelet-serving"), serving.key_pem)
+    return NodePki(
+        ca=layout.ca_cert,
+        kubelet_kubeconfig=layout.component_kubeconfig("kubelet"),
+        kube_proxy_kubeconfig=layout.component_kubeconfig("kube-proxy"),
+        kubelet_serving_cert=layout.cert("kubelet-serving"),
+        kubelet_serving_key=layout.key("kubelet-serving"),
+    )
 
 
 def write_front_proxy_pki(layout: Layout) -> None:
@@ -201,21 +247,26 @@ class DevCluster(KubeHandle, ProcessHost):
                 f"a cluster is already running from {state_dir} ({previous.server}); "
                 "stop it first with `python -m rembg_devcluster down`"
             )
+        images = _require_real_node_host(config) if config.real_node else None
         _wipe(state_dir)
         ports = _pick_ports(config.apiserver_port)
         ensure_ports_free(ports.named())
+        node = _plan_real_node(state_dir) if images else None
+        address = node_config.NodeNetwork().gateway if node else flags.LOOPBACK
         state = ClusterState(
             state_dir=state_dir,
-            server=f"https://{flags.LOOPBACK}:{ports.apiserver}",
+            server=f"https://{address}:{ports.apiserver}",
+            node=node,
             ports=ports.named(),
             processes=[],
             monitoring_crds=config.monitoring_crds,
             kubectl=config.binaries.kubectl,
             helm=config.binaries.helm,
+            kube_proxy=config.binaries.kube_proxy,
         )
         cluster = cls(state)
         try:
-            cluster._boot(config, ports)
+            cluster._boot(config, ports, images)
         except BaseException:
             cluster.stop()
             raise
@@ -230,13 +281,39 @@ class DevCluster(KubeHandle, ProcessHost):
         return cls(state)
 
     def stop(self, extra_grace_seconds: float = 10.0) -> None:
-        """Stops extra processes (operator, servers) first, then the control plane in order."""
-        self.stop_extras(names_to_keep=CONTROL_PLANE_ORDER, grace_seconds=extra_grace_seconds)
+        """Stops extra processes (operator, servers) first, then the real node's pods and
+        daemons, then the control plane in order, then puts the host back as it was."""
+        self.stop_extras(
+            names_to_keep=[*CONTROL_PLANE_ORDER, *NODE_PROCESSES],
+            grace_seconds=extra_grace_seconds,
+        )
+        if self.state.node is not None:
+            self._stop_real_node(self.state.node)
         by_name = {p.name: p for p in self.state.processes}
         for name in CONTROL_PLANE_ORDER:
             if found := by_name.get(name):
                 stop(found, self._popens.get(name), grace_seconds=10.0)
+        if self.state.node is not None:
+            self.state.teardown_problems = real_node.teardown_host(
+                self.state.node, self.state.kube_proxy
+            )
         self.save()
+
+    def _stop_real_node(self, node: RealNodeState) -> None:
+        by_name = {p.name: p for p in self.state.processes}
+        apiserver = by_name.get("kube-apiserver")
+        kubelet = by_name.get("kubelet")
+        if apiserver and apiserver.alive() and kubelet and kubelet.alive():
+            real_node.drain_node(self.kubectl)
+        for name in ("kube-proxy", "kubelet"):
+            if found := by_name.get(name):
+                stop(found, self._popens.get(name), grace_seconds=10.0)
+        paths = NodePaths(node.root)
+        with contextlib.suppress(DevClusterError, subprocess.SubprocessError):
+            real_node.remove_leftover_containers(paths)
+        if found := by_name.get("containerd"):
+            stop(found, self._popens.get("containerd"), grace_seconds=10.0)
+        real_node.kill_shims(paths)
 
     @property
     def records(self) -> list[ProcessRecord]:
@@ -259,15 +336,24 @@ class DevCluster(KubeHandle, ProcessHost):
 
     # ---- boot ------------------------------------------------------------------------------
 
-    def _boot(self, config: ClusterConfig, ports: Ports) -> None:
+    def _boot(self, config: ClusterConfig, ports: Ports, images: ImageIndex | None) -> None:
         """Credentials, then each layer once the one below is healthy, then seed and verify."""
+        node = self.state.node
+        network = NodeNetwork(node.bridge, node.pod_cidr) if node else None
+        t0 = time.monotonic()
+        if node and network:
+            # The API server listens on the bridge, so it must exist first.
+            real_node.create_network(network)
+            node.network_created = True
+            self.save()
         boot = _Boot(
             binaries=config.binaries,
             ports=ports,
             deadline=time.monotonic() + config.start_timeout_seconds,
-            t0=time.monotonic(),
-            admin_token=write_pki(self.layout),
+            t0=t0,
+            admin_token=write_pki(self.layout, network.gateway if network else None),
             controller_manager_args=config.controller_manager_args,
+            node_ip=network.gateway if network else None,
         )
         write_kubeconfigs(self.layout, self.state.server, boot.admin_token)
         self.layout.kwok_config.write_text(yaml.safe_dump(flags.build_kwok_config()))
@@ -277,8 +363,37 @@ class DevCluster(KubeHandle, ProcessHost):
         if config.monitoring_crds:
             self.install_monitoring_crds(config.binaries.monitoring_crds_dir)
         self.apply(nodes.build_default_nodes(config.cpu_nodes, config.gpu_nodes))
+        if node and network and images:
+            self._start_real_node(boot, node, network, images)
         self._wait_until_usable(boot)
         self.save()
+
+    def _start_real_node(
+        self, boot: _Boot, node: RealNodeState, network: NodeNetwork, images: ImageIndex
+    ) -> None:
+        """containerd, the images, kubelet until its Node is Ready, then kube-proxy."""
+        paths = NodePaths(node.root)
+        node_ports = NodePorts(**node.ports)
+        node_pki = write_node_pki(self.layout, self.state.server, network.gateway)
+        real_node.write_node_files(paths, network, node_ports, images.ref(SANDBOX_IMAGE), node_pki)
+        self._start("containerd", ["containerd", f"--config={paths.containerd_config}"])
+        self._wait("containerd", boot.deadline, functools.partial(real_node.containerd_up, paths))
+        self._mark("containerd_up", boot.t0)
+        real_node.import_images(paths, images)
+        node.images = {name: image.ref for name, image in images.images.items()}
+        self._mark("images_imported", boot.t0)
+        kubelet = node_config.build_kubelet_args(
+            boot.binaries.kubelet, paths, network, node_pki.kubelet_kubeconfig
+        )
+        self._start("kubelet", kubelet)
+        deadline = max(boot.deadline, time.monotonic() + real_node.NODE_READY_TIMEOUT_SECONDS)
+        self._wait("kubelet", deadline, functools.partial(self._node_ready, node_config.NODE_NAME))
+        self._mark("real_node_ready", boot.t0)
+        proxy = node_config.build_kube_proxy_args(boot.binaries.kube_proxy, paths)
+        self._start("kube-proxy", proxy)
+        healthz = f"http://127.0.0.1:{node_ports.proxy_healthz}/healthz"
+        self._wait("kube-proxy", deadline, functools.partial(_http_ok, healthz))
+        self._mark("kube_proxy_ready", boot.t0)
 
     def _start_store_and_apiserver(self, boot: _Boot) -> None:
         layout, ports = self.layout, boot.ports
@@ -286,7 +401,9 @@ class DevCluster(KubeHandle, ProcessHost):
         etcd_health = f"http://{flags.LOOPBACK}:{ports.etcd_client}/health"
         self._wait("etcd", boot.deadline, functools.partial(_http_ok, etcd_health))
         self._mark("etcd_healthy", boot.t0)
-        apiserver = flags.build_apiserver_args(boot.binaries.kube_apiserver, layout, ports)
+        apiserver = flags.build_apiserver_args(
+            boot.binaries.kube_apiserver, layout, ports, node_ip=boot.node_ip
+        )
         self._start("kube-apiserver", apiserver)
         readyz = f"{self.state.server}/readyz"
         check = functools.partial(_http_ok, readyz, self._tls(), boot.admin_token)
@@ -329,6 +446,13 @@ class DevCluster(KubeHandle, ProcessHost):
     def install_monitoring_crds(self, crds_dir: Path) -> list[str]:
         """The Prometheus Operator's CRDs (PrometheusRule, ServiceMonitor, PodMonitor)."""
         return self.install_crds(sorted(crds_dir.glob("*.yaml")))
+
+    def _node_ready(self, name: str) -> bool:
+        found = self.get_json("node", name)
+        return any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in found.get("status", {}).get("conditions", [])
+        )
 
     def _nodes_ready(self) -> bool:
         listed = self.get_json("nodes")
@@ -382,6 +506,29 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str | None 
     return response.status_code == 200 and '"health":"false"' not in response.text
 
 
+def _require_real_node_host(config: ClusterConfig) -> ImageIndex:
+    images = load_image_index(config.images_index)
+    real_node.require_host([config.binaries.kubelet, config.binaries.kube_proxy], images)
+    assert images is not None  # require_host refuses a missing index
+    return images
+
+
+def _plan_real_node(state_dir: Path) -> RealNodeState:
+    """Records the host before the node changes anything, and picks the node's ports."""
+    return RealNodeState(
+        bridge=node_config.BRIDGE,
+        pod_cidr=node_config.POD_CIDR,
+        root=NodePaths.of(Layout(state_dir)).root,
+        ports={
+            "kubelet": free_port(),
+            "kubelet_healthz": free_port(),
+            "proxy_healthz": free_port(),
+            "proxy_metrics": free_port(),
+        },
+        before=host_state.take_snapshot(),
+    )
+
+
 def _wipe(state_dir: Path) -> None:
     """A fresh cluster every time: the state dir only ever holds one cluster's throwaway data.
 
@@ -389,6 +536,16 @@ def _wipe(state_dir: Path) -> None:
     mistyped --dir never deletes anything else.
     """
     if state_dir.exists() and any(state_dir.iterdir()):
+        mounted = [
+            point
+            for point in host_state.mount_points(Path("/proc/self/mountinfo").read_text())
+            if point.startswith(f"{state_dir.resolve()}/")
+        ]
+        if mounted:
+            raise DevClusterError(
+                f"{state_dir} still has mounts ({mounted[0]}, ...) from a real node; stop its "
+                "cluster first with `python -m rembg_devcluster down`"
+            )
         if not (state_dir / "state.json").exists():
             raise DevClusterError(
                 f"{state_dir} is not empty and holds no cluster state; pick another --dir"

@@ -20,6 +20,8 @@ KWOK_NODE_VALUE = "fake"
 # The aggregation layer's front proxy: its own CA and the client name it presents.
 FRONT_PROXY_CA = "front-proxy-ca"
 FRONT_PROXY_CLIENT = "front-proxy-client"
+# The API server's client identity towards kubelets (logs, exec, port-forward).
+KUBELET_CLIENT = "kube-apiserver-kubelet-client"
 
 
 def build_etcd_args(etcd: Path, layout: Layout, ports: Ports) -> list[str]:
@@ -40,29 +42,49 @@ def build_etcd_args(etcd: Path, layout: Layout, ports: Ports) -> list[str]:
     ]
 
 
-def build_apiserver_args(apiserver: Path, layout: Layout, ports: Ports) -> list[str]:
+def build_apiserver_args(
+    apiserver: Path, layout: Layout, ports: Ports, node_ip: str | None = None
+) -> list[str]:
+    """With node_ip (a real node runs), the API server listens on the node's bridge address, so
+    pods reach it through the `kubernetes` Service, and talks to the kubelet (logs, exec)."""
+    address = node_ip or LOOPBACK
     return [
         str(apiserver),
         f"--etcd-servers=http://{LOOPBACK}:{ports.etcd_client}",
-        f"--bind-address={LOOPBACK}",
-        f"--advertise-address={LOOPBACK}",
+        f"--bind-address={address}",
+        f"--advertise-address={address}",
         f"--secure-port={ports.apiserver}",
         f"--cert-dir={layout.apiserver_cert_dir}",
         f"--tls-cert-file={layout.serving_cert}",
         f"--tls-private-key-file={layout.serving_key}",
         f"--client-ca-file={layout.ca_cert}",
         f"--token-auth-file={layout.token_file}",
-        "--authorization-mode=RBAC",
+        # Node: a kubelet may touch only its own node and the pods bound to it.
+        "--authorization-mode=Node,RBAC" if node_ip else "--authorization-mode=RBAC",
         "--anonymous-auth=false",
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={layout.sa_public_key}",
         f"--service-account-signing-key-file={layout.sa_private_key}",
         f"--service-cluster-ip-range={SERVICE_CIDR}",
-        # On loopback the endpoint reconciler complains every 10 s; no pod reaches it anyway.
-        "--endpoint-reconciler-type=none",
+        *(_real_node_args(layout) if node_ip else _loopback_args()),
         "--allow-privileged=true",
         *build_aggregation_layer_args(layout),
         "--v=0",
+    ]
+
+
+def _loopback_args() -> list[str]:
+    # On loopback the endpoint reconciler complains every 10 s; no pod reaches it anyway.
+    return ["--endpoint-reconciler-type=none"]
+
+
+def _real_node_args(layout: Layout) -> list[str]:
+    return [
+        # The `kubernetes` Service's endpoint is the bridge address: in-cluster clients work.
+        "--endpoint-reconciler-type=lease",
+        f"--kubelet-client-certificate={layout.cert(KUBELET_CLIENT)}",
+        f"--kubelet-client-key={layout.key(KUBELET_CLIENT)}",
+        "--kubelet-preferred-address-types=InternalIP",
     ]
 
 

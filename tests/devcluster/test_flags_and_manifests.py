@@ -164,6 +164,8 @@ def test_missing_binaries_are_named_with_the_command_that_builds_them(tmp_path: 
         kwok=Path("/bin/true"),
         helm=Path("/bin/true"),
         monitoring_crds_dir=tmp_path,
+        kubelet=Path("/bin/true"),
+        kube_proxy=Path("/bin/true"),
     )
     with pytest.raises(BinaryMissingError, match=r"kube-apiserver.*make binaries"):
         missing.require(monitoring_crds=False)

@@ -47,6 +47,8 @@ def _fake_binaries(tmp_path: Path, etcd: str) -> Binaries:
         kwok=true,
         helm=true,
         monitoring_crds_dir=tmp_path,
+        kubelet=true,
+        kube_proxy=true,
     )
 
 
