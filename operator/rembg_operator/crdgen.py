@@ -165,6 +165,30 @@ def status_schema() -> Schema:
             "readyReplicas": {"type": "integer", "description": "Replicas ready to serve."},
             "updatedReplicas": {"type": "integer", "description": "Replicas on the newest spec."},
             "availableReplicas": {"type": "integer", "description": "Available replicas."},
+            "notReadyPods": {
+                "type": "integer",
+                "description": "Pods of the pool that are not ready (absent: none).",
+            },
+            "notReady": {
+                "type": "array",
+                "description": "Why pods are not ready, hard failures first (a few pods).",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "pod": {"type": "string", "description": "Pod name."},
+                        "reason": {
+                            "type": "string",
+                            "description": "Cause: ImagePullBackOff, OOMKilled, Unschedulable...",
+                        },
+                        "state": {
+                            "type": "string",
+                            "description": "Container state when it differs from the cause.",
+                        },
+                        "message": {"type": "string", "description": "What the kubelet said."},
+                        "restarts": {"type": "integer", "description": "Container restarts."},
+                    },
+                },
+            },
         },
     }
     child = {

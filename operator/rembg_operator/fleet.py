@@ -12,6 +12,10 @@ equal means a status-only change (pods becoming ready), different means someone 
 child (drift) or deleted it, and a full reconcile puts it back. This keeps a fleet of
 hundreds of services from re-applying every child on every pod readiness change.
 
+Pods of the pools are watched too (through a server-side label selector) and kept as
+typed PodStates (pod_health): a pod event refreshes status only, which then says per pool
+why pods are not ready, and posts a Warning Event once per (pod, reason).
+
 Service creations go first (ServicesFirst): kube-apiserver allocates ClusterIPs one at a
 time, so in a burst of new services the Services, not the operator, set the pace.
 """
@@ -39,6 +43,7 @@ from rembg_operator.builders.meta import SERVICE_LABEL
 from rembg_operator.config import OperatorConfig
 from rembg_operator.kube import ApiError, KubeClient
 from rembg_operator.models import RembgServiceSpec, semantic_problems
+from rembg_operator.pod_health import PodFinding, PodState, next_change, pool_findings
 from rembg_operator.status import Observation, PoolObservation, build_status, now_utc, same_status
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,8 @@ RECREATABLE = frozenset(
     }
 )
 RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+# Warning Events about pods per status refresh: a whole pool failing at once says it in a few.
+MAX_POD_EVENTS = 5
 
 
 class ServicesFirst:
@@ -187,6 +194,10 @@ class Fleet:
         # Watch events delivered per Deployment: an apply answer is only as new as its send.
         self._deployment_events: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.events_posted: dict[tuple[Key, str], str] = {}
+        # Pods of each service's pools, by name; (pod, reason) pairs already posted as Events.
+        self.pods: defaultdict[Key, dict[str, PodState]] = defaultdict(dict)
+        self.pod_events_posted: dict[Key, set[tuple[str, str]]] = {}
+        self._rechecks: dict[Key, asyncio.TimerHandle] = {}
         self._locks: defaultdict[Key, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._pending: dict[Key, _Pending] = {}
         self._slots = asyncio.Semaphore(config.max_concurrent_reconciles)
@@ -220,6 +231,11 @@ class Fleet:
             self.essences.pop(child, None)
         for event_key in [k for k in self.events_posted if k[0] == key]:
             self.events_posted.pop(event_key, None)
+        self.pods.pop(key, None)
+        self.pod_events_posted.pop(key, None)
+        recheck = self._rechecks.pop(key, None)
+        if recheck is not None:
+            recheck.cancel()
         for where in [
             d for d in self._deployment_events if d[0] == key[0] and _belongs(d[1], key[1])
         ]:
@@ -278,6 +294,26 @@ class Fleet:
             pending.deferred[ck] = seen
             return
         self.request(key, full=self._needs_full(ck, seen))
+
+    def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        """A pool's pod changed: keep what the diagnosis reads, refresh status if that changed.
+
+        Kept even before its service is known (the pod listing may come first at start-up);
+        the label selector keeps the cache to the pods of the operator's own pools.
+        """
+        pod = PodState.from_pod(body)
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace")), pod.service)
+        pods = self.pods[key]
+        if event_type == "DELETED":
+            changed = pods.pop(pod.name, None) is not None
+        else:
+            changed = pods.get(pod.name) != pod
+            pods[pod.name] = pod
+        if not pods:
+            self.pods.pop(key, None)
+        if changed and key in self.owners:
+            self.request(key, full=False)
 
     def _needs_full(self, ck: ChildKey, seen: str | None) -> bool:
         known = self.essences.get(ck)
@@ -575,12 +611,19 @@ class Fleet:
         if record is None:
             self.request(key, full=True)
             return
+        now = now_utc()
+        pods = list(self.pods.get(key, {}).values())
+        findings = {
+            target.pool: pool_findings((p for p in pods if p.pool == target.pool), now)
+            for target in record.pools
+        }
         pools = [
             PoolObservation.from_deployment(
                 target.pool,
                 self.deployments.get((key[0], target.deployment)),
                 required=target.required,
                 minimum=target.minimum,
+                findings=findings[target.pool],
             )
             for target in record.pools
         ]
@@ -599,15 +642,62 @@ class Fleet:
             gpu_fallback_active=record.gpu_fallback_active,
             inventory=[{"apiVersion": a, "kind": k, "name": n} for a, k, n in record.inventory],
         )
+        everything = [f for found in findings.values() for f in found]
+        self._schedule_recheck(key, next_change(everything))
         previous = self.statuses.get(key)
-        status = build_status(observation, previous, now_utc())
+        status = build_status(observation, previous, now)
         if same_status(previous, status):
             metrics.RECONCILES.labels(kind="status", result="unchanged").inc()
+        else:
+            await self._services_first.turn()
+            await self.client.patch_status(key[0], key[1], merge_patch(previous, status))
+            self.statuses[key] = status
+            metrics.RECONCILES.labels(kind="status", result="written").inc()
+        await self._post_pod_events(key, everything)
+
+    def _schedule_recheck(self, key: Key, delay: float | None) -> None:
+        """A status refresh when a finding would change by itself (a probe's grace ends):
+        no watch event says that a container has been not ready for too long."""
+        before = self._rechecks.pop(key, None)
+        if before is not None:
+            before.cancel()
+        if delay is not None:
+            self._rechecks[key] = asyncio.get_running_loop().call_later(
+                delay + 1.0, self._recheck, key
+            )
+
+    def _recheck(self, key: Key) -> None:
+        self._rechecks.pop(key, None)
+        if key in self.owners:
+            self.request(key, full=False)
+
+    async def _post_pod_events(self, key: Key, findings: list[PodFinding]) -> None:
+        """A Warning Event per (pod, reason) the first time a pod fails that way.
+
+        Forgotten once the pod is ready or gone, so a relapse is posted again; kept while the
+        pod stays in trouble, so a pull that alternates ErrImagePull and ImagePullBackOff
+        posts each once, not on every turn.
+        """
+        owner = self.owners.get(key)
+        if owner is None:
             return
-        await self._services_first.turn()
-        await self.client.patch_status(key[0], key[1], merge_patch(previous, status))
-        self.statuses[key] = status
-        metrics.RECONCILES.labels(kind="status", result="written").inc()
+        troubled = {f.pod for f in findings}
+        posted = {p for p in self.pod_events_posted.get(key, set()) if p[0] in troubled}
+        new = [f for f in findings if not f.starting and (f.pod, f.reason) not in posted]
+        posted.update((f.pod, f.reason) for f in new)
+        if posted:
+            self.pod_events_posted[key] = posted
+        else:
+            self.pod_events_posted.pop(key, None)
+        for finding in new[:MAX_POD_EVENTS]:
+            message = f"pool {finding.pool}: {finding.summary()}"
+            if finding.state:
+                message += f" (state {finding.state})"
+            await self._services_first.turn()
+            with contextlib.suppress(ApiError):
+                await self.client.post_event(
+                    owner, warning=True, reason=finding.reason, message=message
+                )
 
     async def _post_outcome_events(
         self,
@@ -665,7 +755,12 @@ def merge_patch(previous: Mapping[str, Any] | None, status: Mapping[str, Any]) -
     patch: dict[str, Any] = {k: None for k in (previous or {}) if k not in status}
     patch.update(status)
     old_pools = (previous or {}).get("pools") or {}
-    patch["pools"] = {**{p: None for p in old_pools if p not in status["pools"]}, **status["pools"]}
+    pools: dict[str, Any] = {p: None for p in old_pools if p not in status["pools"]}
+    for name, pool in status["pools"].items():
+        # A pool's own keys that are gone (notReady, once every pod is ready) go too.
+        gone = {k: None for k in old_pools.get(name) or {} if k not in pool}
+        pools[name] = {**gone, **pool}
+    patch["pools"] = pools
     return patch
 
 

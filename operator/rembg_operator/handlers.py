@@ -18,7 +18,7 @@ from typing import Any
 import kopf
 
 from rembg_operator import settings as operator_settings
-from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
+from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL, POOL_LABEL
 from rembg_operator.models import API_GROUP, API_VERSION, PLURAL
 
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
@@ -70,6 +70,15 @@ async def optional_api_changed(type: str | None, memo: kopf.Memo, **_: Any) -> N
     # rather than at the next resync. type None is kopf's initial listing: nothing changed.
     if type is not None:
         memo.fleet.on_optional_api_changed()
+
+
+# The pods of our pools (settings.POD_SELECTOR filters the same on the server).
+@kopf.on.event(
+    "", "v1", "pods", labels={MANAGED_BY_LABEL: MANAGED_BY, POOL_LABEL: kopf.PRESENT}, id="pods"
+)
+async def pod_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
+    # Status only: why the pool's pods are not ready (rembg_operator.pod_health).
+    memo.fleet.on_pod_event(type, body)
 
 
 def _register_child_watchers() -> None:

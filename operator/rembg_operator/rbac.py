@@ -51,6 +51,7 @@ RULES: tuple[Rule, ...] = (
     Rule("monitoring.coreos.com", ("servicemonitors", "prometheusrules"), APPLY, why="monitoring"),
     Rule("keda.sh", ("scaledobjects",), APPLY, why="KEDA engine"),
     Rule("", ("events",), ("create",), why="Events on the RembgService"),
+    Rule("", ("pods",), ("list", "watch"), why="why the pools' pods are not ready (status)"),
     Rule("", ("nodes",), ("list",), cluster_scoped=True, why="allocatable GPU capacity"),
     Rule(
         "",

@@ -11,7 +11,7 @@ from typing import Any
 import kopf
 from prometheus_client import start_http_server
 
-from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
+from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL, POOL_LABEL
 from rembg_operator.config import OperatorConfig
 from rembg_operator.fleet import Fleet
 from rembg_operator.kube import KubeClient
@@ -60,10 +60,20 @@ def filter_children(settings: kopf.OperatorSettings, resources: Any) -> None:
         )
 
 
+# The pods of the operator's pools (the pod template's labels, builders/workload.py).
+POD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{POOL_LABEL}"
+
+
+def filter_pods(settings: kopf.OperatorSettings) -> None:
+    """Server-side: only the pods of our pools travel over the pod watch, not every pod."""
+    settings.watching.label_selectors["v1", "pods"] = POD_SELECTOR
+
+
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, resources: Any) -> None:
     config = OperatorConfig()
     configure_kopf(settings, config)
     filter_children(settings, resources)
+    filter_pods(settings)
     client = await KubeClient.connect(config.kubeconfig)
     fleet = Fleet(client, config)
     memo.config = config

@@ -13,6 +13,7 @@ from typing import Any
 
 from rembg_operator.builders.children import Skipped
 from rembg_operator.models import GPU_RESOURCE
+from rembg_operator.pod_health import PodFinding, degraded_reason
 
 Condition = dict[str, Any]
 
@@ -24,6 +25,11 @@ STALLED = "Stalled"
 MONITORING = "MonitoringAvailable"
 AUTOSCALING = "AutoscalingAvailable"
 GPU_CAPACITY = "GpuCapacityAvailable"
+PODS_NOT_READY = "PodsNotReady"
+# Pods named per pool in status.pools.<pool>.notReady, and per pool in condition messages:
+# a 100-pod pool in trouble must not make a 100-entry status.
+MAX_REPORTED_PODS = 5
+MAX_PODS_IN_MESSAGE = 3
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class PoolObservation:
     deadline_exceeded: bool = False
     # False when the pool is not needed for Ready (a GPU pool covered by the CPU fallback).
     required: bool = True
+    # Why the pool's pods are not ready (pod_health), hard failures first.
+    findings: tuple[PodFinding, ...] = ()
 
     @classmethod
     def from_deployment(
@@ -50,11 +58,12 @@ class PoolObservation:
         *,
         required: bool = True,
         minimum: int = 0,
+        findings: Sequence[PodFinding] = (),
     ) -> PoolObservation:
         """minimum: replicas the pool must reach (the autoscaler's floor), even before the
         autoscaler has raised the Deployment's own replica count to it."""
         if deployment is None:
-            return cls(pool=pool, required=required, desired=minimum)
+            return cls(pool=pool, required=required, desired=minimum, findings=tuple(findings))
         status = deployment.get("status") or {}
         spec = deployment.get("spec") or {}
         conditions = status.get("conditions") or []
@@ -73,6 +82,7 @@ class PoolObservation:
             available=int(status.get("availableReplicas") or 0),
             deadline_exceeded=deadline,
             required=required,
+            findings=tuple(findings),
         )
 
     @property
@@ -86,13 +96,36 @@ class PoolObservation:
             and self.ready >= self.desired
         )
 
-    def as_status(self) -> dict[str, int]:
-        return {
+    def as_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "desiredReplicas": self.desired,
             "readyReplicas": self.ready,
             "updatedReplicas": self.updated,
             "availableReplicas": self.available,
         }
+        if self.findings:
+            out["notReadyPods"] = len(self.findings)
+            out["notReady"] = [f.as_status() for f in self.findings[:MAX_REPORTED_PODS]]
+        return out
+
+    def replicas(self) -> str:
+        return f"{self.ready}/{self.desired} ready"
+
+    def explained(self) -> str:
+        """`cpu: 0/1 ready; pod demo-cpu-abc12: ImagePullBackOff: Back-off pulling image "x"`."""
+        return "; ".join([f"{self.pool}: {self.replicas()}", *_pod_summaries(self.findings)])
+
+    @property
+    def failing(self) -> bool:
+        """Some pod is not ready for a reason other than still starting."""
+        return any(not f.starting for f in self.findings)
+
+
+def _pod_summaries(findings: Sequence[PodFinding]) -> list[str]:
+    shown = [f.summary() for f in findings[:MAX_PODS_IN_MESSAGE]]
+    if len(findings) > MAX_PODS_IN_MESSAGE:
+        shown.append(f"and {len(findings) - MAX_PODS_IN_MESSAGE} more pod(s) not ready")
+    return shown
 
 
 @dataclass(frozen=True)
@@ -187,6 +220,14 @@ def _rollout_conditions(observed: Observation) -> list[Condition]:
         ready_cond = _condition(READY, True, "AllPoolsReady", f"{replicas}; {observed.endpoint}")
         progressing = _condition(PROGRESSING, False, "RolloutComplete", replicas)
         reconciling = _condition(RECONCILING, False, "RolloutComplete", replicas)
+    elif any(p.findings for p in pending):
+        # Say why, the way `kubectl describe pod` would, so nobody has to.
+        reason = PODS_NOT_READY if any(p.failing for p in pending) else "RolloutInProgress"
+        message = "; ".join(p.explained() for p in pending)
+        ready_cond = _condition(READY, False, reason, message)
+        # Argo CD shows Progressing's message while nothing is Degraded: the same story.
+        progressing = _condition(PROGRESSING, True, "RolloutInProgress", message)
+        reconciling = _condition(RECONCILING, True, "RolloutInProgress", replicas)
     else:
         waiting = ", ".join(p.pool for p in pending) or ", ".join(p.pool for p in stalled)
         ready_cond = _condition(
@@ -210,6 +251,15 @@ def _degraded(observed: Observation, stalled: Sequence[PoolObservation]) -> Cond
     if observed.has_gpu_pool and observed.gpu_capacity == 0:
         message = _no_gpu_message(observed)
         return _condition(DEGRADED, True, "NoGpuCapacity", message)
+    hard = [f for p in observed.pools for f in p.findings if f.degraded]
+    reason = degraded_reason(hard)
+    if reason is not None:
+        by_pool = [
+            "; ".join([f"{p.pool}: {p.replicas()}", *_pod_summaries(failing)])
+            for p in observed.pools
+            if (failing := [f for f in p.findings if f.degraded])
+        ]
+        return _condition(DEGRADED, True, reason, "; ".join(by_pool))
     if stalled:
         names = ", ".join(p.pool for p in stalled)
         return _condition(DEGRADED, True, "ProgressDeadlineExceeded", f"pool(s) {names} stalled")
@@ -285,7 +335,7 @@ def build_status(
     return status
 
 
-def _ratio(pool: Mapping[str, int] | None) -> str:
+def _ratio(pool: Mapping[str, Any] | None) -> str:
     if pool is None:
         return "-"
     return f"{pool['readyReplicas']}/{pool['desiredReplicas']}"

@@ -5,6 +5,7 @@ from typing import Any
 
 import pytest
 from rembg_operator.builders.children import Skipped
+from rembg_operator.pod_health import PodFinding, PodState, pool_findings
 from rembg_operator.status import (
     Observation,
     PoolObservation,
@@ -12,6 +13,8 @@ from rembg_operator.status import (
     conditions_from,
     same_status,
 )
+
+from tests.operator import pod_objects as pods
 
 NOW = datetime(2026, 11, 22, 12, 0, 0, tzinfo=UTC)
 LATER = NOW + timedelta(minutes=5)
@@ -48,8 +51,13 @@ def pool(name: str = "cpu", **kw: Any) -> PoolObservation:
     required = kw.pop("required", True)
     minimum = kw.pop("minimum", 0)
     missing = kw.pop("missing", False)
+    findings = kw.pop("findings", ())
     return PoolObservation.from_deployment(
-        name, None if missing else deployment(**kw), required=required, minimum=minimum
+        name,
+        None if missing else deployment(**kw),
+        required=required,
+        minimum=minimum,
+        findings=findings,
     )
 
 
@@ -274,3 +282,118 @@ def test_same_status_ignores_transition_times_only() -> None:
     assert not same_status(a, c)
     assert not same_status(None, a)
     assert same_status(None, {})
+
+
+# -- why pods are not ready ------------------------------------------------------------------
+
+
+def _findings(*bodies: dict[str, Any]) -> list[PodFinding]:
+    return pool_findings([PodState.from_pod(b) for b in bodies], pods.NOW)
+
+
+def test_a_pool_whose_image_cannot_be_pulled_is_not_ready_and_degraded_saying_which_pod() -> None:
+    found = _findings(pods.image_pull_backoff("demo-cpu-abc12"))
+    observed = observe(pool(replicas=1, ready=0, findings=found))
+    c = by_type(conditions_from(observed, [], NOW))
+    assert c["Ready"]["status"] == "False"
+    assert c["Ready"]["reason"] == "PodsNotReady"
+    assert c["Ready"]["message"] == (
+        "cpu: 0/1 ready; pod demo-cpu-abc12: ImagePullBackOff: "
+        'Back-off pulling image "ghcr.io/example/rembg-server:nope"'
+    )
+    assert c["Degraded"]["status"] == "True"
+    assert c["Degraded"]["reason"] == "ImagePullBackOff"
+    assert "pod demo-cpu-abc12: ImagePullBackOff" in c["Degraded"]["message"]
+    assert c["Progressing"]["status"] == "True"
+
+
+def test_an_oom_in_a_crash_loop_degrades_with_reason_oomkilled() -> None:
+    found = _findings(pods.oom_crash_loop("demo-cpu-oom01"))
+    c = by_type(conditions_from(observe(pool(replicas=1, ready=0, findings=found)), [], NOW))
+    assert c["Degraded"]["reason"] == "OOMKilled"
+    assert (
+        "pod demo-cpu-oom01: OOMKilled: container server was OOMKilled"
+        in (c["Degraded"]["message"])
+    )
+    assert c["Ready"]["reason"] == "PodsNotReady"
+
+
+def test_an_unschedulable_pod_degrades_with_the_schedulers_reason() -> None:
+    found = _findings(pods.unschedulable("demo-cpu-pend1"))
+    c = by_type(conditions_from(observe(pool(replicas=1, ready=0, findings=found)), [], NOW))
+    assert c["Degraded"]["reason"] == "Unschedulable"
+    assert (
+        "pod demo-cpu-pend1: Unschedulable: 0/3 nodes are available: 1 Insufficient cpu"
+        in (c["Degraded"]["message"])
+    )
+
+
+def test_pods_merely_starting_are_progressing_not_degraded() -> None:
+    found = _findings(pods.container_creating("demo-cpu-new01"), pods.warming_up("demo-cpu-w"))
+    c = by_type(conditions_from(observe(pool(replicas=2, ready=0, findings=found)), [], NOW))
+    assert c["Degraded"]["status"] == "False"
+    assert c["Ready"]["reason"] == "RolloutInProgress"
+    assert "pod demo-cpu-new01: ContainerCreating" in c["Ready"]["message"]
+    assert c["Progressing"]["status"] == "True"
+    assert c["Progressing"]["message"] == c["Ready"]["message"]
+
+
+def test_a_readiness_probe_failing_is_not_ready_but_not_degraded() -> None:
+    found = _findings(pods.readiness_failing("demo-cpu-slow1"))
+    c = by_type(conditions_from(observe(pool(replicas=1, ready=0, findings=found)), [], NOW))
+    assert c["Ready"]["reason"] == "PodsNotReady"
+    assert "not ready: readiness probe failing" in c["Ready"]["message"]
+    assert c["Degraded"]["status"] == "False"
+
+
+def test_pod_failures_explain_more_than_a_progress_deadline() -> None:
+    found = _findings(pods.image_pull_backoff())
+    observed = observe(pool(replicas=1, ready=0, deadline=True, findings=found))
+    c = by_type(conditions_from(observed, [], NOW))
+    assert c["Degraded"]["reason"] == "ImagePullBackOff"
+    assert c["Stalled"]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_no_gpu_capacity_still_explains_a_gpu_pool_that_cannot_schedule() -> None:
+    found = _findings(pods.unschedulable("demo-gpu-x"))
+    observed = observe(
+        pool("gpu", replicas=1, ready=0, findings=found), has_gpu_pool=True, gpu_capacity=0
+    )
+    assert by_type(conditions_from(observed, [], NOW))["Degraded"]["reason"] == "NoGpuCapacity"
+
+
+def test_status_pools_carry_the_not_ready_pods_capped() -> None:
+    many = [pods.image_pull_backoff(f"demo-cpu-{i:02}") for i in range(8)]
+    found = _findings(*many)
+    status = build_status(observe(pool(replicas=8, ready=0, findings=found)), None, NOW)
+    cpu = status["pools"]["cpu"]
+    assert cpu["notReadyPods"] == 8
+    assert len(cpu["notReady"]) == 5
+    assert cpu["notReady"][0] == {
+        "pod": "demo-cpu-00",
+        "reason": "ImagePullBackOff",
+        "message": 'Back-off pulling image "ghcr.io/example/rembg-server:nope"',
+    }
+    ready = by_type(status["conditions"])["Ready"]["message"]
+    assert ready.count("ImagePullBackOff") == 3
+    assert ready.endswith("and 5 more pod(s) not ready")
+
+
+def test_a_healthy_pool_reports_no_not_ready_pods() -> None:
+    found = _findings(pods.healthy())
+    status = build_status(observe(pool(replicas=1, ready=1, findings=found)), None, NOW)
+    assert "notReady" not in status["pools"]["cpu"]
+    assert "notReadyPods" not in status["pools"]["cpu"]
+    assert by_type(status["conditions"])["Ready"]["status"] == "True"
+
+
+def test_every_pool_in_trouble_is_named() -> None:
+    observed = observe(
+        pool("gpu", replicas=1, ready=0, findings=_findings(pods.oom_crash_loop("demo-gpu-1"))),
+        pool("cpu", replicas=1, ready=0, findings=_findings(pods.unschedulable("demo-cpu-2"))),
+    )
+    c = by_type(conditions_from(observed, [], NOW))
+    assert c["Degraded"]["reason"] == "OOMKilled"
+    assert c["Degraded"]["message"].startswith("gpu: 0/1 ready; pod demo-gpu-1: OOMKilled")
+    assert "cpu: 0/1 ready; pod demo-cpu-2: Unschedulable" in c["Degraded"]["message"]
+    assert c["Ready"]["message"].startswith("gpu: 0/1 ready; pod demo-gpu-1: OOMKilled")
