@@ -20,12 +20,15 @@ help: ## Show this help
 .PHONY: setup system-deps venv model binaries
 setup: system-deps venv model binaries ## Install everything: system packages, Python deps, model, control-plane binaries
 
-system-deps: ## Debian packages the tests use (promtool, openssl, redis); needs root or sudo
-	@need=(); for p in prometheus openssl redis-server; do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
+# The real node and the image builds: containerd, runc, CNI plugins, iptables, conntrack, and
+# buildah + debootstrap + gcc (base image, pause image); see devcluster/README.md.
+NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack buildah debootstrap gcc libc6-dev
+system-deps: ## Debian packages the tests use (promtool, openssl, redis, the real node's parts); needs root or sudo
+	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
 	if [ $${#need[@]} -gt 0 ]; then \
 	  sudo_=$$( [ "$$(id -u)" = 0 ] && echo || echo sudo ); \
 	  $$sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_ apt-get install -y -qq --no-install-recommends "$${need[@]}"; \
-	  systemctl stop prometheus redis-server 2>/dev/null || true; \
+	  systemctl stop prometheus redis-server containerd 2>/dev/null || true; \
 	fi
 
 venv: $(VENV)/.installed ## Python virtualenv with the project and its dev extras
@@ -43,7 +46,8 @@ binaries: venv ## Build etcd, kube-apiserver, controller-manager, scheduler, kub
 
 ##@ Run
 .PHONY: run cluster-up cluster-down server operator
-run: setup ## Set up and run the fleet locally: control plane, operator, sample RembgService, a real server
+run: setup ## Set up and run the fleet locally: control plane, a real node where the host allows it, operator, sample RembgService
+	@if [ "$$(uname -s)" = Linux ] && [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory images; else echo "run: not root on Linux, so no images and no real node: the demo runs on KWOK nodes"; fi
 	$(PY) -m rembg_devcluster demo
 
 cluster-up: binaries ## Start the local control plane (etcd, apiserver, controller-manager, scheduler, KWOK)
@@ -85,14 +89,14 @@ typecheck: venv ## mypy --strict
 
 ##@ Test
 .PHONY: test check unit e2e e2e-kind
-test: setup lint typecheck unit e2e ## Everything CI runs: lint, types, unit/integration tests, e2e on the local control plane
+test: setup lint typecheck unit images e2e ## Everything CI runs: lint, types, unit/integration tests, images, e2e on the local control plane and the real node
 
 check: test ## Alias of test
 
 unit: venv model ## Unit and integration tests (no cluster)
 	$(PYTEST) tests
 
-e2e: venv model binaries ## End-to-end tests against the local control plane
+e2e: venv model binaries ## End-to-end tests against the local control plane (the real-node tests need `make images`)
 	$(PYTEST) e2e -p no:cacheprovider
 
 e2e-kind: ## The e2e suite against a kind cluster (needs Docker)
@@ -113,8 +117,5 @@ bench-jobs: system-deps venv model ## The job path (/v1/jobs via a real Redis) v
 
 ##@ Images
 .PHONY: images
-images: ## Build the inference and operator images (needs a Docker engine; none runs on CI hosts)
-	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "images: no Docker engine here; build inference_image/Dockerfile elsewhere"; exit 1; }
-	docker build -t rembg-fleet/server:dev -f inference_image/Dockerfile .
-	docker build -t rembg-fleet/server:dev-cuda -f inference_image/Dockerfile.cuda .
-	docker build -t rembg-fleet/operator:dev -f operator/Dockerfile .
+images: venv ## Server, operator and pause images as docker-archive tarballs, cached by inputs (buildah without Docker); see build/images.json
+	devcluster/build-images.sh

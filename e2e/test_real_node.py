@@ -126,7 +126,8 @@ def _exercise_node(cluster: Any) -> None:
     for url in (f"http://{pod_ip}:{PORT}/hostname", f"http://{service_ip}/hostname"):
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.status == 200
-    fetch = f"import urllib.request; print(urllib.request.urlopen('http://{service_ip}/hostname', timeout=10).status)"
+    url = f"http://{service_ip}/hostname"
+    fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).status)"
     from_pod = cluster.kubectl("exec", "-n", namespace, name, "--", "python", "-c", fetch)
     assert from_pod.stdout.strip() == "200"
 

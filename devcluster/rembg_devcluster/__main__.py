@@ -64,7 +64,7 @@ def _kubeconfig(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    result = run_demo(args.dir, args.example)
+    result = run_demo(args.dir, args.example, real_node=not args.kwok_only)
     log.info("demo: done. Everything keeps running so you can look around:")
     log.info(
         "  export KUBECONFIG=%s PATH=%s:$PATH",
@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo = sub.add_parser("demo", help="cluster + operator + sample RembgService + a real server")
     demo.add_argument("--example", type=Path, default=Path("examples/minimal.yaml"))
+    demo.add_argument(
+        "--kwok-only",
+        action="store_true",
+        help="no real node even where the host could run one (simulated pods, a host server)",
+    )
     demo.set_defaults(handler=_demo)
     return parser
 

@@ -362,7 +362,8 @@ class DevCluster(KubeHandle, ProcessHost):
         self._start_controllers(boot)
         if config.monitoring_crds:
             self.install_monitoring_crds(config.binaries.monitoring_crds_dir)
-        self.apply(nodes.build_default_nodes(config.cpu_nodes, config.gpu_nodes))
+        if kwok_nodes := nodes.build_default_nodes(config.cpu_nodes, config.gpu_nodes):
+            self.apply(kwok_nodes)
         if node and network and images:
             self._start_real_node(boot, node, network, images)
         self._wait_until_usable(boot)

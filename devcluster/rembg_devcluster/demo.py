@@ -1,9 +1,12 @@
 """`make run`: the whole local fleet in one command.
 
-Starts the control plane, installs the CRDs, runs the operator and one real inference server
-process (KWOK pods are simulated, so the real inference happens in that process), applies
-examples/minimal.yaml, waits for the RembgService to be Ready, and removes the background of one
-real photo through the server's POST /v1/remove.
+Starts the control plane, installs the CRDs, runs the operator, applies examples/minimal.yaml,
+waits for the RembgService to be Ready, and removes the background of one real photo.
+
+Where the host can run a real node (Linux, root, `make setup images` done), the sample's pod
+runs our inference image on it and the photo goes through the Service's ClusterIP. Elsewhere
+the pods are KWOK simulations, so one real inference server process serves the photo, and the
+demo says in one line why there is no real node.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from skimage import data
 
 from rembg_devcluster.cluster import ClusterConfig, DevCluster, stop_from_state
 from rembg_devcluster.errors import DevClusterError, KubectlError
+from rembg_devcluster.images import load_image_index
 from rembg_devcluster.ports import free_port
 from rembg_devcluster.process import raise_if_dead
+from rembg_devcluster.real_node import missing_host_parts
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -117,15 +122,28 @@ def remove_background(server_url: str, image: bytes) -> tuple[bytes, dict[str, s
     return response.content, dict(response.headers.items())
 
 
-def run_demo(state_dir: Path, example: Path) -> DemoResult:
+def real_node_missing(config: ClusterConfig) -> list[str]:
+    """What this host lacks for a real node (empty: the demo runs real pods)."""
+    binaries = [config.binaries.kubelet, config.binaries.kube_proxy]
+    return missing_host_parts(binaries, load_image_index(config.images_index))
+
+
+def run_demo(state_dir: Path, example: Path, real_node: bool = True) -> DemoResult:
     require_package("rembg_operator.__main__", "the operator")
     require_package("rembg_server.__main__", "the inference server")
     if not example.exists():
         raise DevClusterError(f"{example} is missing")
     if stop_from_state(state_dir):
         log.info(f"demo: stopped the previous cluster in {state_dir}")
-    log.info("demo: starting etcd, kube-apiserver, controller-manager, scheduler and KWOK")
-    cluster = DevCluster.start(ClusterConfig(state_dir=state_dir))
+    config = ClusterConfig(state_dir=state_dir)
+    missing = real_node_missing(config) if real_node else ["--kwok-only"]
+    if missing:
+        log.info("demo: no real node (it needs %s); pods run on KWOK nodes", "; ".join(missing))
+    else:
+        # The real node is the only CPU node, so the sample's pod runs there.
+        config = ClusterConfig(state_dir=state_dir, real_node=True, cpu_nodes=0, gpu_nodes=1)
+    log.info("demo: starting etcd, kube-apiserver, controller-manager, scheduler and the nodes")
+    cluster = DevCluster.start(config)
     try:
         return _run_on(cluster, example)
     except BaseException:
@@ -141,17 +159,72 @@ def _run_on(cluster: DevCluster, example: Path) -> DemoResult:
     log.info(f"demo: installed CRDs {', '.join(crds)}")
     cluster.spawn("operator", [sys.executable, "-m", "rembg_operator"])
     log.info(f"demo: operator running (log: {cluster.layout.log('operator')})")
+    if cluster.state.node is not None:
+        return _run_on_real_node(cluster, example)
+    return _run_on_kwok(cluster, example)
 
-    port = free_port()
-    server_env = dict(os.environ, REMBG_HOST="127.0.0.1", REMBG_PORT=str(port))
-    cluster.spawn("rembg-server", [sys.executable, "-m", "rembg_server"], env=server_env)
-    server_url = f"http://127.0.0.1:{port}"
 
+def _apply_example(cluster: DevCluster, example: Path) -> tuple[str, str]:
     doc = yaml.safe_load(example.read_text())
     name = doc["metadata"]["name"]
     namespace = doc["metadata"].get("namespace", "default")
     cluster.apply(example.read_text(), "-n", namespace)
     log.info("demo: applied %s (rembgservice/%s in %s)", example, name, namespace)
+    return name, namespace
+
+
+def _run_on_real_node(cluster: DevCluster, example: Path) -> DemoResult:
+    name, namespace = _apply_example(cluster, example)
+    wait_for_ready_service(cluster, name, namespace)
+    log.info(f"demo: rembgservice/{name} is Ready; its pods run our image on the real node:")
+    log.info(
+        cluster.kubectl("get", "rembgservice,deploy,pods", "-n", namespace, "-o", "wide").stdout
+    )
+    service = cluster.get_json("service", name, "-n", namespace)
+    server_url = f"http://{service['spec']['clusterIP']}"
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT_SECONDS
+    while True:  # kube-proxy programs the endpoint a moment after the pod turns Ready
+        try:
+            cutout_png, headers = remove_background(server_url, sample_photo_png())
+            break
+        except (httpx.HTTPError, DevClusterError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+    return _save_cutout(
+        cluster,
+        name=name,
+        namespace=namespace,
+        server_url=server_url,
+        cutout_png=cutout_png,
+        headers=headers,
+        via="Service",
+    )
+
+
+def _save_cutout(
+    cluster: DevCluster,
+    *,
+    name: str,
+    namespace: str,
+    server_url: str,
+    cutout_png: bytes,
+    headers: dict[str, str],
+    via: str,
+) -> DemoResult:
+    cutout = cluster.layout.root / "astronaut-cutout.png"
+    cutout.write_bytes(cutout_png)
+    timing = {k: v for k, v in headers.items() if k.lower().startswith(("x-", "server-timing"))}
+    log.info(f"demo: the {via} at {server_url} removed the background: {cutout} {timing}")
+    return DemoResult(cluster, name, namespace, server_url, cutout)
+
+
+def _run_on_kwok(cluster: DevCluster, example: Path) -> DemoResult:
+    port = free_port()
+    server_env = dict(os.environ, REMBG_HOST="127.0.0.1", REMBG_PORT=str(port))
+    cluster.spawn("rembg-server", [sys.executable, "-m", "rembg_server"], env=server_env)
+    server_url = f"http://127.0.0.1:{port}"
+    name, namespace = _apply_example(cluster, example)
     wait_for_ready_service(cluster, name, namespace)
     log.info(f"demo: rembgservice/{name} is Ready; its pods run on KWOK nodes:")
     log.info(
@@ -160,10 +233,12 @@ def _run_on(cluster: DevCluster, example: Path) -> DemoResult:
 
     wait_for_http_ok(f"{server_url}/readyz", SERVER_READY_TIMEOUT_SECONDS, cluster, "rembg-server")
     cutout_png, headers = remove_background(server_url, sample_photo_png())
-    cutout = cluster.layout.root / "astronaut-cutout.png"
-    cutout.write_bytes(cutout_png)
-    timing = {k: v for k, v in headers.items() if k.lower().startswith(("x-", "server-timing"))}
-    log.info(
-        f"demo: real inference server at {server_url} removed the background: {cutout} {timing}"
+    return _save_cutout(
+        cluster,
+        name=name,
+        namespace=namespace,
+        server_url=server_url,
+        cutout_png=cutout_png,
+        headers=headers,
+        via="real inference server",
     )
-    return DemoResult(cluster, name, namespace, server_url, cutout)

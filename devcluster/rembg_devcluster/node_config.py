@@ -7,6 +7,7 @@ a file, and nothing is written under /etc.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 from dataclasses import dataclass
@@ -76,8 +77,15 @@ class NodePaths:
         return self.root / "containerd" / "config.toml"
 
     @property
+    def socket_dir(self) -> Path:
+        """Unix socket paths are limited to 108 bytes, which a pytest temp dir easily passes:
+        the sockets live in a short directory named after the state directory."""
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return Path("/run") / f"rembg-node-{digest}"
+
+    @property
     def containerd_socket(self) -> Path:
-        return self.root / "containerd" / "containerd.sock"
+        return self.socket_dir / "containerd.sock"
 
     @property
     def cni_conf_dir(self) -> Path:

@@ -122,6 +122,7 @@ def write_node_files(
     for directory in (paths.cni_conf_dir, paths.ipam_dir, paths.kubelet_root, paths.pod_logs):
         directory.mkdir(parents=True, exist_ok=True)
     paths.containerd_config.parent.mkdir(parents=True, exist_ok=True)
+    paths.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.containerd_config.write_text(node_config.build_containerd_config(paths, sandbox_image))
     cni = node_config.build_cni_config(network, paths)
     (paths.cni_conf_dir / "10-rembg.conflist").write_text(json.dumps(cni, indent=2))
@@ -253,6 +254,7 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
             except OSError as error:
                 problems.append(f"sysctl {name}: {error}")
     shutil.rmtree(paths.ipam_dir, ignore_errors=True)
+    shutil.rmtree(paths.socket_dir, ignore_errors=True)
     return problems
 
 

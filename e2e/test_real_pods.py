@@ -1,0 +1,382 @@
+"""The fleet on real pods: our inference image on the real node, managed by the operator.
+
+One cluster for the module whose only CPU node is the real one (kubelet + containerd), a
+namespace where the API server enforces the restricted Pod Security Standard, and the operator
+as a process watching it. Every pod here runs `ghcr.io/rembg-fleet/server:0.1.0` as built by
+`make images`; requests go through the Service's ClusterIP (kube-proxy's rules).
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from rembg import new_session, remove
+from rembg_devcluster import DevCluster
+from skimage import data
+
+from e2e.operator_support import (
+    OperatorProcess,
+    condition,
+    eventually,
+    example,
+    get,
+    install_crd,
+    kubectl_apply,
+    running_operator,
+    wait_ready,
+)
+from e2e.real_node_support import (
+    cluster_ip,
+    create_restricted_namespace,
+    describe_pods,
+    on_real_node,
+    pods,
+    ready_pods,
+    start_real_node_cluster,
+    wait_for_endpoints,
+)
+
+TOLERANCE = 1 / 255
+READY_TIMEOUT = 300.0
+
+
+@dataclass
+class Fleet:
+    cluster: DevCluster
+    namespace: str
+    operator: OperatorProcess
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    cluster = start_real_node_cluster(tmp_path_factory.mktemp("real-pods"))
+    try:
+        install_crd(cluster)
+        namespace = create_restricted_namespace(cluster, "fleet")
+        with running_operator(cluster, namespace) as operator:
+            yield Fleet(cluster, namespace, operator)
+    finally:
+        cluster.stop()
+    assert cluster.state.teardown_problems == []
+
+
+def _photo(size: tuple[int, int] = (640, 480)) -> bytes:
+    """A real photograph from scikit-image's wheel (no download), as JPEG bytes."""
+    image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _alpha_diff(a: Image.Image, b: Image.Image) -> float:
+    ours = np.asarray(a, dtype=np.float64)
+    theirs = np.asarray(b, dtype=np.float64)
+    return float(np.mean(np.abs(ours - theirs)) / 255)
+
+
+def _timestamp(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _selector(service: str) -> str:
+    return f"rembg.io/service={service},rembg.io/pool=cpu"
+
+
+def _scrape(url: str) -> dict[str, float]:
+    samples: dict[str, float] = {}
+    for line in httpx.get(url, timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def _sum(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def test_minimal_example_runs_real_pods_and_cuts_out_through_the_service(fleet: Fleet) -> None:
+    cluster, namespace = fleet.cluster, fleet.namespace
+    kubectl_apply(cluster, namespace, example("minimal.yaml"))
+    wait_ready(cluster, namespace, "demo", timeout=READY_TIMEOUT)
+
+    (pod,) = ready_pods(cluster, namespace, _selector("demo"))
+    assert on_real_node(pod), describe_pods(cluster, namespace)
+    name = pod["metadata"]["name"]
+    uid = cluster.kubectl("exec", "-n", namespace, name, "--", "id", "-u").stdout.strip()
+    assert uid == "10001"
+    write = cluster.kubectl("exec", "-n", namespace, name, "--", "touch", "/x", check=False)
+    assert "Read-only file system" in write.stderr
+
+    # Not Ready before warmup ended: Ready comes at least the warmup after the container start.
+    metrics = _scrape(f"http://{pod['status']['podIP']}:8080/metrics")
+    warmup = _sum(metrics, "rembg_warmup_seconds")
+    started = _timestamp(pod["status"]["containerStatuses"][0]["state"]["running"]["startedAt"])
+    ready_at = next(
+        _timestamp(c["lastTransitionTime"])
+        for c in pod["status"]["conditions"]
+        if c["type"] == "Ready"
+    )
+    start_to_ready = (ready_at - started).total_seconds()
+    scheduled = _timestamp(pod["metadata"]["creationTimestamp"])
+    print(
+        f"real pod {name}: created -> Ready {(ready_at - scheduled).total_seconds():.0f}s, "
+        f"container start -> Ready {start_to_ready:.0f}s, warmup {warmup:.2f}s"
+    )
+    assert warmup > 0
+    # Kubernetes timestamps have second resolution: allow one second of rounding.
+    assert start_to_ready >= warmup - 1.0
+
+    wait_for_endpoints(cluster, namespace, "demo")
+    photo = _photo()
+    url = f"http://{cluster_ip(cluster, namespace, 'demo')}/v1/remove"
+    response = httpx.post(url, content=photo, headers={"Content-Type": "image/jpeg"}, timeout=120)
+    assert response.status_code == 200, response.text
+    ours = Image.open(io.BytesIO(response.content))
+    theirs = Image.open(io.BytesIO(remove(photo, session=new_session("u2netp"))))
+    assert ours.size == theirs.size
+    assert _alpha_diff(ours.getchannel("A"), theirs.getchannel("A")) <= TOLERANCE
+    assert _alpha_diff(ours, theirs) <= TOLERANCE
+    cluster.kubectl("delete", "rembgservice", "demo", "-n", namespace, "--wait=false")
+
+
+@dataclass
+class LoadClient:
+    """Closed-loop clients posting real images to a URL until stopped, one connection each time
+    (a rollout must not depend on which pod a kept-alive connection is pinned to)."""
+
+    url: str
+    image: bytes
+    clients: int = 2
+    outcomes: Counter[str] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for _ in range(self.clients):
+            thread = threading.Thread(target=self._run, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> Counter[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
+        return self.outcomes
+
+    def _run(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=120, limits=limits) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(
+                        self.url, content=self.image, headers={"Content-Type": "image/jpeg"}
+                    )
+                    outcome = str(response.status_code)
+                except httpx.HTTPError as error:
+                    outcome = type(error).__name__
+                with self._lock:
+                    self.outcomes[outcome] += 1
+
+
+def _rolled_out(cluster: DevCluster, namespace: str, deployment: str, generation: int) -> bool:
+    found = get(cluster, namespace, "deployment", deployment) or {}
+    status = found.get("status", {})
+    replicas = found.get("spec", {}).get("replicas", 0)
+    return bool(
+        status.get("observedGeneration", 0) >= generation
+        and status.get("updatedReplicas") == replicas
+        and status.get("replicas") == replicas
+        and status.get("availableReplicas") == replicas
+    )
+
+
+def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
+    fleet: Fleet,
+) -> None:
+    cluster, namespace = fleet.cluster, fleet.namespace
+    # Half a CPU each, so the surge pod fits beside the old one on the 2-CPU node.
+    resources = {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi"},
+    }
+    spec = {"cpu": {"minReplicas": 1, "maxReplicas": 1, "resources": resources}}
+    manifest = example("minimal.yaml", **spec)
+    manifest["metadata"]["name"] = "rolling"
+    kubectl_apply(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "rolling", timeout=READY_TIMEOUT)
+    wait_for_endpoints(cluster, namespace, "rolling")
+    (before,) = ready_pods(cluster, namespace, _selector("rolling"))
+
+    load = LoadClient(f"http://{cluster_ip(cluster, namespace, 'rolling')}/v1/remove", _photo())
+    load.start()
+    try:
+        time.sleep(5)
+        generation = (get(cluster, namespace, "deployment", "rolling-cpu") or {})["metadata"][
+            "generation"
+        ]
+        manifest["spec"]["cpu"]["podAnnotations"] = {"rembg.io/rollout-test": "2"}
+        kubectl_apply(cluster, namespace, manifest)
+        eventually(
+            lambda: _rolled_out(cluster, namespace, "rolling-cpu", generation + 1),
+            what="the CPU pool to roll to its new template",
+            timeout=READY_TIMEOUT,
+        )
+        # The old pod drains (preStop, then in-flight requests) while the load goes on.
+        eventually(
+            lambda: all(
+                p["metadata"]["name"] != before["metadata"]["name"]
+                for p in pods(cluster, namespace, _selector("rolling"))
+            ),
+            what="the old pod to be gone",
+            timeout=READY_TIMEOUT,
+        )
+        time.sleep(3)
+    finally:
+        outcomes = load.stop()
+    total = sum(outcomes.values())
+    print(f"rolling update under load: {total} requests, outcomes {dict(outcomes)}")
+    assert total >= 10
+    assert outcomes == Counter({"200": total}), describe_pods(cluster, namespace)
+    (after,) = ready_pods(cluster, namespace, _selector("rolling"))
+    assert after["metadata"]["name"] != before["metadata"]["name"]
+    assert on_real_node(after)
+    cluster.kubectl("delete", "rembgservice", "rolling", "-n", namespace, "--wait=false")
+
+
+def _failing(name: str, cpu: dict[str, Any], **overrides: Any) -> dict[str, Any]:
+    manifest = example("minimal.yaml", **overrides)
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["cpu"] = {"minReplicas": 1, "maxReplicas": 1, **cpu}
+    return manifest
+
+
+def _degraded(cluster: DevCluster, namespace: str, name: str, reason: str) -> dict[str, Any]:
+    def probe() -> dict[str, Any] | None:
+        service = get(cluster, namespace, "rembgservice", name)
+        found = condition(service, "Degraded")
+        return service if found.get("status") == "True" and found.get("reason") == reason else None
+
+    try:
+        return eventually(probe, what=f"{name}: Degraded={reason}", timeout=READY_TIMEOUT)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{describe_pods(cluster, namespace)}") from None
+
+
+def test_pods_that_cannot_run_are_reported_with_their_reason(fleet: Fleet) -> None:
+    """A wrong image tag, a memory limit the model does not fit in, and a CPU request larger
+    than the node: each RembgService says which pod and why, without `kubectl describe`."""
+    cluster, namespace = fleet.cluster, fleet.namespace
+    small = {"requests": {"cpu": "100m", "memory": "64Mi"}}
+    cases = {
+        # Never: a missing tag must not make the kubelet try a registry (none is reachable).
+        "badtag": (
+            _failing(
+                "badtag",
+                {"resources": {**small, "limits": {"memory": "2Gi"}}},
+                image="ghcr.io/rembg-fleet/server:no-such-tag",
+                imagePullPolicy="Never",
+            ),
+            "ErrImageNeverPull",
+        ),
+        "tinymem": (
+            _failing("tinymem", {"resources": {**small, "limits": {"memory": "96Mi"}}}),
+            "OOMKilled",
+        ),
+        "toobig": (
+            _failing("toobig", {"resources": {"requests": {"cpu": "8"}, "limits": {"cpu": "8"}}}),
+            "Unschedulable",
+        ),
+    }
+    for manifest, _ in cases.values():
+        kubectl_apply(cluster, namespace, manifest)
+    try:
+        for name, (_, reason) in cases.items():
+            service = _degraded(cluster, namespace, name, reason)
+            message = condition(service, "Degraded")["message"]
+            pool = service["status"]["pools"]["cpu"]
+            (finding,) = pool["notReady"]
+            assert finding["reason"] == reason
+            assert finding["pod"].startswith(f"{name}-cpu-")
+            assert finding["pod"] in message, message
+            assert condition(service, "Ready")["status"] == "False"
+            print(f"{name}: Degraded {reason}: {message}")
+            events = get(
+                cluster, namespace, "events", "--field-selector", f"involvedObject.name={name}"
+            )
+            warnings = [e for e in (events or {}).get("items", []) if e.get("type") == "Warning"]
+            assert any(finding["pod"] in e.get("message", "") for e in warnings), warnings
+            table = cluster.kubectl("get", "rbs", name, "-n", namespace, "-o", "wide").stdout
+            assert "False" in table
+    finally:
+        for name in cases:
+            cluster.kubectl("delete", "rembgservice", name, "-n", namespace, "--wait=false")
+
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "rembg-operator"
+
+
+def _helm(cluster: DevCluster, *args: str) -> str:
+    result = subprocess.run(
+        ["helm", *args], capture_output=True, text=True, timeout=300, env=cluster.env, check=False
+    )
+    assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}"
+    return result.stdout
+
+
+def test_the_operator_runs_as_a_pod_from_its_image_installed_by_helm(fleet: Fleet) -> None:
+    """`helm install` of our chart: the operator pod (our image, restricted, read-only root)
+    talks to the API server with the ServiceAccount token the kubelet mounts, through the
+    `kubernetes` Service, and brings a RembgService in the namespace it watches to Ready."""
+    cluster = fleet.cluster
+    system = create_restricted_namespace(cluster, "rembg-system")
+    watched = create_restricted_namespace(cluster, "helm-fleet")
+    _helm(
+        cluster,
+        "install",
+        "rembg-operator",
+        str(CHART),
+        "--namespace",
+        system,
+        "--set",
+        f"watch.namespaces[0]={watched}",
+        "--set",
+        "crds.enabled=false",  # the module's fixture installed the CRD already
+        "--wait",
+        "--timeout=240s",
+    )
+    (operator_pod,) = pods(cluster, system, "app.kubernetes.io/name=rembg-operator")
+    assert on_real_node(operator_pod), describe_pods(cluster, system)
+    (container,) = operator_pod["spec"]["containers"]
+    assert container["image"] == "ghcr.io/rembg-fleet/operator:0.1.0"
+    token = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    name = operator_pod["metadata"]["name"]
+    mounted = cluster.kubectl("exec", "-n", system, name, "--", "test", "-s", token, check=False)
+    assert mounted.returncode == 0, "no ServiceAccount token mounted by the kubelet"
+
+    resources = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    manifest = example(
+        "minimal.yaml", cpu={"minReplicas": 1, "maxReplicas": 1, "resources": resources}
+    )
+    kubectl_apply(cluster, watched, manifest)
+    wait_ready(cluster, watched, "demo", timeout=READY_TIMEOUT)
+    (server_pod,) = ready_pods(cluster, watched, _selector("demo"))
+    assert on_real_node(server_pod)
+    logs = cluster.kubectl("logs", "-n", system, name).stdout
+    assert "demo" in logs
+    assert "Forbidden" not in logs
+    cluster.kubectl("delete", "rembgservice", "demo", "-n", watched, "--wait=false")
