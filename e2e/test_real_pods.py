@@ -9,6 +9,8 @@ as a process watching it. Every pod here runs `ghcr.io/rembg-fleet/server:0.1.0`
 from __future__ import annotations
 
 import io
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -24,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from rembg import new_session, remove
-from rembg_devcluster import DevCluster
+from rembg_devcluster import DevCluster, real_node
+from rembg_devcluster.node_config import NodePaths
 from skimage import data
 
 from e2e.operator_support import (
@@ -380,3 +383,59 @@ def test_the_operator_runs_as_a_pod_from_its_image_installed_by_helm(fleet: Flee
     assert "demo" in logs
     assert "Forbidden" not in logs
     cluster.kubectl("delete", "rembgservice", "demo", "-n", watched, "--wait=false")
+
+
+def _host_pid(cluster: DevCluster, container_id: str) -> int:
+    """The host PID of a container's init process, from the node's containerd."""
+    assert cluster.state.node is not None
+    paths = NodePaths(cluster.state.node.root)
+    for line in real_node.ctr(paths, "tasks", "ls").splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == container_id:
+            return int(pid)
+    raise AssertionError(f"no containerd task {container_id}")
+
+
+def test_a_wedged_server_is_restarted_by_its_liveness_probe(fleet: Fleet) -> None:
+    """SIGSTOP from the host freezes the server (a signal to a container's PID 1 from inside is
+    ignored): /livez stops answering, the kubelet kills and restarts the container, and the
+    pool comes back Ready on its own."""
+    cluster, namespace = fleet.cluster, fleet.namespace
+    resources = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+    manifest = example(
+        "minimal.yaml",
+        cpu={"minReplicas": 1, "maxReplicas": 1, "resources": resources},
+        # A short grace period: the kubelet's kill waits for it before SIGKILL.
+        server={"drainSeconds": 1, "requestTimeoutSeconds": 5},
+    )
+    manifest["metadata"]["name"] = "wedge"
+    kubectl_apply(cluster, namespace, manifest)
+    wait_ready(cluster, namespace, "wedge", timeout=READY_TIMEOUT)
+    (pod,) = ready_pods(cluster, namespace, _selector("wedge"))
+    status = pod["status"]["containerStatuses"][0]
+    container_id = status["containerID"].removeprefix("containerd://")
+    os.kill(_host_pid(cluster, container_id), signal.SIGSTOP)
+    stopped = time.monotonic()
+
+    def restarted() -> dict[str, Any] | None:
+        for current in ready_pods(cluster, namespace, _selector("wedge")):
+            statuses = current["status"]["containerStatuses"]
+            if (
+                current["metadata"]["name"] == pod["metadata"]["name"]
+                and statuses[0]["restartCount"] > status["restartCount"]
+            ):
+                return current
+        return None
+
+    try:
+        again = eventually(restarted, what="the wedged container restarted and Ready", timeout=240)
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{describe_pods(cluster, namespace)}") from None
+    took = time.monotonic() - stopped
+    print(f"wedged server: restarted by its liveness probe and Ready in {took:.0f}s")
+    last = again["status"]["containerStatuses"][0]["lastState"]["terminated"]
+    assert last["exitCode"] != 0
+    events = get(cluster, namespace, "events", "--field-selector", "reason=Unhealthy")
+    assert any("Liveness probe failed" in e["message"] for e in (events or {}).get("items", []))
+    wait_ready(cluster, namespace, "wedge", timeout=READY_TIMEOUT)
+    cluster.kubectl("delete", "rembgservice", "wedge", "-n", namespace, "--wait=false")
