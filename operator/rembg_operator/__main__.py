@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 import kopf
@@ -73,11 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     kopf.run(
         standalone=True,
+        identity=operator_identity(),
         clusterwide=config.clusterwide,
         namespaces=config.namespaces,
         liveness_endpoint=liveness,
     )
     return 0
+
+
+def operator_identity() -> str:
+    """Who this operator is in kopf's logs and peering. kopf's own default asks the password
+    database for the process' user, which a container running as an arbitrary uid (the chart's
+    runAsUser, OpenShift's random uids) does not have: it crashed at start-up."""
+    return f"rembg-operator@{socket.gethostname()}"
 
 
 if __name__ == "__main__":
