@@ -27,7 +27,9 @@ import pytest
 from PIL import Image
 from rembg import new_session, remove
 from rembg_devcluster import DevCluster, real_node
+from rembg_devcluster.metrics_stack import MetricsStack
 from rembg_devcluster.node_config import NodePaths
+from rembg_operator.custom_metrics import build_adapter_config
 from skimage import data
 
 from e2e.operator_support import (
@@ -65,7 +67,11 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    cluster = start_real_node_cluster(tmp_path_factory.mktemp("real-pods"))
+    cluster = start_real_node_cluster(
+        tmp_path_factory.mktemp("real-pods"),
+        # The HPA controller's loop: 15 s by default; shorter so the scaling test is quick.
+        controller_manager_args=("--horizontal-pod-autoscaler-sync-period=3s",),
+    )
     try:
         install_crd(cluster)
         namespace = create_restricted_namespace(cluster, "fleet")
@@ -459,3 +465,113 @@ def test_a_wedged_server_is_restarted_by_its_liveness_probe(fleet: Fleet) -> Non
     assert any("Liveness probe failed" in e["message"] for e in (events or {}).get("items", []))
     wait_ready(cluster, namespace, "wedge", timeout=READY_TIMEOUT)
     cluster.kubectl("delete", "rembgservice", "wedge", "-n", namespace, "--wait=false")
+
+
+def _requests_by_pod(cluster: DevCluster, namespace: str, service: str) -> dict[str, float]:
+    """Each pod's own count of answered removal requests, from its /metrics."""
+    counts = {}
+    for pod in ready_pods(cluster, namespace, _selector(service)):
+        metrics = _scrape(f"http://{pod['status']['podIP']}:8080/metrics")
+        counts[pod["metadata"]["name"]] = _sum(metrics, "rembg_requests_total")
+    return counts
+
+
+def _replicas(cluster: DevCluster, namespace: str, deployment: str) -> tuple[int, int]:
+    found = get(cluster, namespace, "deployment", deployment) or {}
+    return found.get("spec", {}).get("replicas", 0), found.get("status", {}).get("readyReplicas", 0)
+
+
+def test_load_through_the_service_scales_real_pods_up_and_back_down(
+    fleet: Fleet, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Prometheus finds the pods through Kubernetes service discovery (no file_sd mapping),
+    the operator's recording rules and prometheus-adapter feed the HPA, load through the
+    Service's ClusterIP scales the pool from 1 to 2 real pods, the new pod serves a share, and
+    the pool scales back down once the load stops."""
+    cluster, namespace = fleet.cluster, fleet.namespace
+    window = {"maxPercent": 100, "maxPods": 2, "periodSeconds": 5}
+    resources = {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi"},
+    }
+    manifest = example(
+        "minimal.yaml",
+        cpu={"minReplicas": 1, "maxReplicas": 2, "resources": resources},
+        autoscaling={
+            "targetQueueDepthPerPod": 1,
+            "targetLatencyP95Seconds": 3600,
+            "scaleUp": {"stabilizationWindowSeconds": 0, **window},
+            "scaleDown": {"stabilizationWindowSeconds": 10, **window},
+        },
+        monitoring={"scrapeInterval": "2s", "scrapeTimeout": "2s"},
+    )
+    manifest["metadata"]["name"] = "scaling"
+    stack = MetricsStack.start(
+        cluster, tmp_path_factory.mktemp("metrics"), build_adapter_config(), {}, discover_pods=True
+    )
+    try:
+        stack.start_sync_loop(every_seconds=1.0)
+        kubectl_apply(cluster, namespace, manifest)
+        wait_ready(cluster, namespace, "scaling", timeout=READY_TIMEOUT)
+        wait_for_endpoints(cluster, namespace, "scaling")
+        eventually(
+            lambda: stack.query('up{job="rembg-pods", rembg_service="scaling"} == 1'),
+            what="Prometheus to discover and scrape the pod",
+            timeout=60,
+        )
+        _scale_up_and_down(fleet, stack)
+    finally:
+        stack.stop()
+        cluster.kubectl("delete", "rembgservice", "scaling", "-n", namespace, "--wait=false")
+
+
+def _scale_up_and_down(fleet: Fleet, stack: MetricsStack) -> None:
+    cluster, namespace = fleet.cluster, fleet.namespace
+    url = f"http://{cluster_ip(cluster, namespace, 'scaling')}/v1/remove"
+    load = LoadClient(url, _photo((320, 240)), clients=4)
+    started = time.monotonic()
+    load.start()
+    try:
+
+        def scaled_up() -> bool:
+            return _replicas(cluster, namespace, "scaling-cpu") == (2, 2)
+
+        try:
+            eventually(scaled_up, what="the pool at 2 ready pods", timeout=READY_TIMEOUT)
+        except AssertionError as error:
+            pending = stack.query("rembg:pending_requests:sum_by_pod")
+            raise AssertionError(
+                f"{error}; recorded pending {pending}; {stack.last_sync_error}\n"
+                f"{describe_pods(cluster, namespace)}"
+            ) from None
+        up_after = time.monotonic() - started
+        # Both pods serve: the Service spreads new connections over the endpoints.
+        wait_for_endpoints(cluster, namespace, "scaling", count=2)
+        eventually(
+            lambda: min(_requests_by_pod(cluster, namespace, "scaling").values(), default=0) >= 3,
+            what="the new pod to answer a share of the requests",
+            timeout=120,
+        )
+        shares = _requests_by_pod(cluster, namespace, "scaling")
+    finally:
+        outcomes = load.stop()
+    stopped = time.monotonic()
+    eventually(
+        lambda: _replicas(cluster, namespace, "scaling-cpu")[0] == 1,
+        what="the pool back at 1 pod after the load",
+        timeout=READY_TIMEOUT,
+    )
+    print(
+        f"autoscaling on real pods: 1 -> 2 pods {up_after:.0f}s after the load started, back to "
+        f"1 {time.monotonic() - stopped:.0f}s after it stopped; requests per pod {shares}; "
+        f"outcomes {dict(outcomes)}"
+    )
+    assert len(shares) == 2
+    assert outcomes["200"] > 0
+
+    def status_desired() -> int:
+        service = get(cluster, namespace, "rembgservice", "scaling") or {}
+        pools = service.get("status", {}).get("pools", {})
+        return int(pools.get("cpu", {}).get("desiredReplicas", 0))
+
+    eventually(lambda: status_desired() == 1, what="status.pools.cpu back at 1", timeout=60)

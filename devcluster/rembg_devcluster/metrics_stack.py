@@ -72,6 +72,7 @@ ADAPTER_API_VERSIONS = (
 SERVICE_LABEL = "rembg.io/service"
 POOL_LABEL = "rembg.io/pool"
 JOB_NAME = "rembg-kwok-pods"
+REAL_PODS_JOB_NAME = "rembg-pods"
 BUILD_HINT = "run `make binaries` (devcluster/build-binaries.sh) first"
 
 
@@ -191,8 +192,22 @@ def build_file_sd(assignments: Mapping[PodRef, str]) -> list[dict[str, Any]]:
 
 
 def build_prometheus_config(
-    targets_file: Path, rules_glob: str, scrape_interval: str = "1s"
+    targets_file: Path,
+    rules_glob: str,
+    scrape_interval: str = "1s",
+    pod_discovery_kubeconfig: Path | None = None,
 ) -> dict[str, Any]:
+    """Prometheus scraping the KWOK mapping's file_sd targets, or, with a kubeconfig, real pods
+    found through Kubernetes service discovery (what a ServiceMonitor makes it do)."""
+    scrape = (
+        build_pod_discovery_scrape_config(pod_discovery_kubeconfig)
+        if pod_discovery_kubeconfig
+        else {
+            "job_name": JOB_NAME,
+            "metrics_path": "/metrics",
+            "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
+        }
+    )
     return {
         "global": {
             "scrape_interval": scrape_interval,
@@ -200,12 +215,39 @@ def build_prometheus_config(
             "evaluation_interval": scrape_interval,
         },
         "rule_files": [rules_glob],
-        "scrape_configs": [
+        "scrape_configs": [scrape],
+    }
+
+
+def _meta_label(label: str) -> str:
+    """Prometheus' name for a pod label: rembg.io/service -> ..._label_rembg_io_service."""
+    return "__meta_kubernetes_pod_label_" + "".join(c if c.isalnum() else "_" for c in label)
+
+
+def build_pod_discovery_scrape_config(kubeconfig: Path) -> dict[str, Any]:
+    """Every running pod of a pool, on its container port named `http`, labelled like the
+    operator's ServiceMonitor labels it (namespace, pod, rembg_service, pool)."""
+    service, pool = _meta_label(SERVICE_LABEL), _meta_label(POOL_LABEL)
+    return {
+        "job_name": REAL_PODS_JOB_NAME,
+        "metrics_path": "/metrics",
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig)}],
+        "relabel_configs": [
+            {"source_labels": [service], "regex": ".+", "action": "keep"},
             {
-                "job_name": JOB_NAME,
-                "metrics_path": "/metrics",
-                "file_sd_configs": [{"files": [str(targets_file)], "refresh_interval": "1s"}],
-            }
+                "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                "regex": "http",
+                "action": "keep",
+            },
+            {
+                "source_labels": ["__meta_kubernetes_pod_phase"],
+                "regex": "Running",
+                "action": "keep",
+            },
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            {"source_labels": [service], "target_label": "rembg_service"},
+            {"source_labels": [pool], "target_label": "pool"},
         ],
     }
 
@@ -327,6 +369,7 @@ class MetricsStack:
     prometheus_port: int
     adapter_port: int
     mapping: PodServerMap
+    discover_pods: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _sync_error: str = ""
@@ -343,11 +386,24 @@ class MetricsStack:
         adapter_config: Mapping[str, Any],
         servers_by_pool: Mapping[tuple[str, str, str], Sequence[str]],
         timeout: float = 120.0,
+        *,
+        discover_pods: bool = False,
     ) -> MetricsStack:
-        """Starts Prometheus and the adapter, registers the APIService, waits until served."""
+        """Starts Prometheus and the adapter, registers the APIService, waits until served.
+
+        servers_by_pool maps KWOK pods onto real server processes; with discover_pods (pods on
+        a real node) Prometheus finds the pods itself and servers_by_pool is left empty.
+        """
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "rules").mkdir(exist_ok=True)
-        stack = cls(cluster, workdir, free_port(), free_port(), PodServerMap(servers_by_pool))
+        stack = cls(
+            cluster,
+            workdir,
+            free_port(),
+            free_port(),
+            PodServerMap(servers_by_pool),
+            discover_pods=discover_pods,
+        )
         stack._write_configs(adapter_config)
         try:
             stack._start_prometheus(timeout)
@@ -360,7 +416,11 @@ class MetricsStack:
     def _write_configs(self, adapter_config: Mapping[str, Any]) -> None:
         targets = self.workdir / "targets.json"
         _write_atomically(targets, "[]")
-        config = build_prometheus_config(targets, str(self.workdir / "rules" / "*.yaml"))
+        config = build_prometheus_config(
+            targets,
+            str(self.workdir / "rules" / "*.yaml"),
+            pod_discovery_kubeconfig=self.cluster.kubeconfig if self.discover_pods else None,
+        )
         (self.workdir / "prometheus.yaml").write_text(yaml.safe_dump(config))
         (self.workdir / "adapter-rules.yaml").write_text(yaml.safe_dump(dict(adapter_config)))
         ca = pki.build_ca("rembg-devcluster-adapter-ca")

@@ -12,6 +12,7 @@ import socket
 import sys
 
 import kopf
+from kopf._core.engines.peering import Identity  # kopf.run's type for it; not re-exported
 
 from rembg_operator.config import OperatorConfig
 
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def operator_identity() -> str:
+def operator_identity() -> Identity:
     """Who this operator is in kopf's logs and peering. kopf's own default asks the password
     database for the process' user, which a container running as an arbitrary uid (the chart's
     runAsUser, OpenShift's random uids) does not have: it crashed at start-up."""
-    return f"rembg-operator@{socket.gethostname()}"
+    return Identity(f"rembg-operator@{socket.gethostname()}")
 
 
 if __name__ == "__main__":
