@@ -136,6 +136,21 @@ if ! is_cached "$pa_dest" prometheus-adapter "$PROMETHEUS_ADAPTER_VERSION" prome
   publish "$tmp" "$pa_dest" prometheus-adapter "$PROMETHEUS_ADAPTER_VERSION" $((SECONDS - start))
 fi
 
+# --- Prometheus with Kubernetes service discovery (real pods; Debian's package lacks it) -------
+# Only the file, HTTP and Kubernetes discovery plugins (build tags), and no embedded web UI: the
+# tests use its API, and the other plugins would double the build.
+prom_dest=$CACHE/bin/prometheus-$PROMETHEUS_VERSION
+if ! is_cached "$prom_dest" prometheus "$PROMETHEUS_VERSION" prometheus; then
+  current_step="prometheus $PROMETHEUS_VERSION"
+  start=$SECONDS
+  say "building prometheus $PROMETHEUS_VERSION (Kubernetes service discovery only)"
+  tmp=$(mktemp -d "$CACHE/bin/.prometheus.XXXXXX")
+  dir=$("$GO" mod download -json "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  # The module ships a go.work naming folders its zip leaves out.
+  (cd "$dir" && GOWORK=off "$GO" build -trimpath -ldflags "-s -w" -tags remove_all_sd,enable_kubernetes_sd -o "$tmp/prometheus" ./cmd/prometheus)
+  publish "$tmp" "$prom_dest" prometheus "$PROMETHEUS_VERSION" $((SECONDS - start))
+fi
+
 # --- KEDA's CRDs (ScaledObject schema check; KEDA itself is not run): YAML from its Go module --
 keda_files=(keda.sh_scaledobjects.yaml keda.sh_triggerauthentications.yaml keda.sh_clustertriggerauthentications.yaml)
 keda_dest=$CACHE/bin/keda-crds-$KEDA_VERSION

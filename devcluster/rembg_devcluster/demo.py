@@ -152,6 +152,14 @@ def run_demo(state_dir: Path, example: Path, real_node: bool = True) -> DemoResu
         raise
 
 
+@dataclass(frozen=True)
+class _Served:
+    """Where the sample's cutout came from: the Service (real pods) or a host process."""
+
+    server_url: str
+    via: str
+
+
 def _run_on(cluster: DevCluster, example: Path) -> DemoResult:
     ready_after = cluster.state.timings_seconds["ready"]
     log.info("demo: control plane up at %s in %ss", cluster.state.server, ready_after)
@@ -159,9 +167,38 @@ def _run_on(cluster: DevCluster, example: Path) -> DemoResult:
     log.info(f"demo: installed CRDs {', '.join(crds)}")
     cluster.spawn("operator", [sys.executable, "-m", "rembg_operator"])
     log.info(f"demo: operator running (log: {cluster.layout.log('operator')})")
-    if cluster.state.node is not None:
-        return _run_on_real_node(cluster, example)
-    return _run_on_kwok(cluster, example)
+    real = cluster.state.node is not None
+    served = None if real else _start_host_server(cluster)
+    name, namespace = _apply_example(cluster, example)
+    wait_for_ready_service(cluster, name, namespace)
+    where = "run our image on the real node" if real else "run on KWOK nodes"
+    log.info(f"demo: rembgservice/{name} is Ready; its pods {where}:")
+    log.info(
+        cluster.kubectl("get", "rembgservice,deploy,pods", "-n", namespace, "-o", "wide").stdout
+    )
+    if served is None:
+        service = cluster.get_json("service", name, "-n", namespace)
+        served = _Served(f"http://{service['spec']['clusterIP']}", "Service")
+    else:
+        wait_for_http_ok(
+            f"{served.server_url}/readyz", SERVER_READY_TIMEOUT_SECONDS, cluster, "rembg-server"
+        )
+    cutout_png, headers = _remove_with_retries(served.server_url)
+    cutout = cluster.layout.root / "astronaut-cutout.png"
+    cutout.write_bytes(cutout_png)
+    timing = {k: v for k, v in headers.items() if k.lower().startswith(("x-", "server-timing"))}
+    log.info(
+        f"demo: the {served.via} at {served.server_url} removed the background: {cutout} {timing}"
+    )
+    return DemoResult(cluster, name, namespace, served.server_url, cutout)
+
+
+def _start_host_server(cluster: DevCluster) -> _Served:
+    """KWOK pods run nothing: one real server process serves the demo's photo."""
+    port = free_port()
+    server_env = dict(os.environ, REMBG_HOST="127.0.0.1", REMBG_PORT=str(port))
+    cluster.spawn("rembg-server", [sys.executable, "-m", "rembg_server"], env=server_env)
+    return _Served(f"http://127.0.0.1:{port}", "real inference server")
 
 
 def _apply_example(cluster: DevCluster, example: Path) -> tuple[str, str]:
@@ -173,72 +210,13 @@ def _apply_example(cluster: DevCluster, example: Path) -> tuple[str, str]:
     return name, namespace
 
 
-def _run_on_real_node(cluster: DevCluster, example: Path) -> DemoResult:
-    name, namespace = _apply_example(cluster, example)
-    wait_for_ready_service(cluster, name, namespace)
-    log.info(f"demo: rembgservice/{name} is Ready; its pods run our image on the real node:")
-    log.info(
-        cluster.kubectl("get", "rembgservice,deploy,pods", "-n", namespace, "-o", "wide").stdout
-    )
-    service = cluster.get_json("service", name, "-n", namespace)
-    server_url = f"http://{service['spec']['clusterIP']}"
+def _remove_with_retries(server_url: str) -> tuple[bytes, dict[str, str]]:
+    """kube-proxy programs a Service's endpoint a moment after its pod turns Ready."""
     deadline = time.monotonic() + SERVER_READY_TIMEOUT_SECONDS
-    while True:  # kube-proxy programs the endpoint a moment after the pod turns Ready
+    while True:
         try:
-            cutout_png, headers = remove_background(server_url, sample_photo_png())
-            break
+            return remove_background(server_url, sample_photo_png())
         except (httpx.HTTPError, DevClusterError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
-    return _save_cutout(
-        cluster,
-        name=name,
-        namespace=namespace,
-        server_url=server_url,
-        cutout_png=cutout_png,
-        headers=headers,
-        via="Service",
-    )
-
-
-def _save_cutout(
-    cluster: DevCluster,
-    *,
-    name: str,
-    namespace: str,
-    server_url: str,
-    cutout_png: bytes,
-    headers: dict[str, str],
-    via: str,
-) -> DemoResult:
-    cutout = cluster.layout.root / "astronaut-cutout.png"
-    cutout.write_bytes(cutout_png)
-    timing = {k: v for k, v in headers.items() if k.lower().startswith(("x-", "server-timing"))}
-    log.info(f"demo: the {via} at {server_url} removed the background: {cutout} {timing}")
-    return DemoResult(cluster, name, namespace, server_url, cutout)
-
-
-def _run_on_kwok(cluster: DevCluster, example: Path) -> DemoResult:
-    port = free_port()
-    server_env = dict(os.environ, REMBG_HOST="127.0.0.1", REMBG_PORT=str(port))
-    cluster.spawn("rembg-server", [sys.executable, "-m", "rembg_server"], env=server_env)
-    server_url = f"http://127.0.0.1:{port}"
-    name, namespace = _apply_example(cluster, example)
-    wait_for_ready_service(cluster, name, namespace)
-    log.info(f"demo: rembgservice/{name} is Ready; its pods run on KWOK nodes:")
-    log.info(
-        cluster.kubectl("get", "rembgservice,deploy,pods", "-n", namespace, "-o", "wide").stdout
-    )
-
-    wait_for_http_ok(f"{server_url}/readyz", SERVER_READY_TIMEOUT_SECONDS, cluster, "rembg-server")
-    cutout_png, headers = remove_background(server_url, sample_photo_png())
-    return _save_cutout(
-        cluster,
-        name=name,
-        namespace=namespace,
-        server_url=server_url,
-        cutout_png=cutout_png,
-        headers=headers,
-        via="real inference server",
-    )

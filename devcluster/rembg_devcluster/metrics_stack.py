@@ -83,7 +83,14 @@ def _pins() -> dict[str, str]:
     return parse_versions_env(VERSIONS_FILE.read_text())
 
 
-def prometheus_binary() -> Path:
+def prometheus_binary(kubernetes_sd: bool = False) -> Path:
+    """Debian's Prometheus, or with kubernetes_sd ours from the Go module (Debian builds theirs
+    without Kubernetes service discovery)."""
+    if kubernetes_sd:
+        path = cache_dir() / "bin" / f"prometheus-{_pins()['PROMETHEUS_VERSION']}" / "prometheus"
+        if not os.access(path, os.X_OK):
+            raise BinaryMissingError(f"missing {path}; {BUILD_HINT}")
+        return path
     found = shutil.which("prometheus") or "/usr/bin/prometheus"
     if not os.access(found, os.X_OK):
         raise BinaryMissingError("no prometheus binary; `make system-deps` installs Debian's")
@@ -435,7 +442,8 @@ class MetricsStack:
         pki.write_private(self.workdir / "adapter.key", serving.key_pem)
 
     def _start_prometheus(self, timeout: float) -> None:
-        argv = build_prometheus_args(prometheus_binary(), self.workdir, self.prometheus_port)
+        binary = prometheus_binary(kubernetes_sd=self.discover_pods)
+        argv = build_prometheus_args(binary, self.workdir, self.prometheus_port)
         self.cluster.spawn(PROMETHEUS_NAME, argv)
         _wait(
             "prometheus",
