@@ -217,6 +217,9 @@ def _rolled_out(cluster: DevCluster, namespace: str, deployment: str, generation
 def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
     fleet: Fleet,
 ) -> None:
+    """Surge first, drain last: the new pod is Ready before the old one goes, the old one's
+    endpoint stops taking new connections while its preStop and in-flight requests run, and a
+    client sending real images through the ClusterIP the whole time sees no failure."""
     cluster, namespace = fleet.cluster, fleet.namespace
     # Half a CPU each, so the surge pod fits beside the old one on the 2-CPU node.
     resources = {
@@ -245,15 +248,20 @@ def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
             what="the CPU pool to roll to its new template",
             timeout=READY_TIMEOUT,
         )
-        # The old pod drains (preStop, then in-flight requests) while the load goes on.
-        eventually(
-            lambda: all(
+        # The old pod drains (preStop, then in-flight requests) while the load goes on: its
+        # endpoint is no longer ready (new connections go elsewhere) while it still serves.
+        seen: list[dict[str, Any]] = []
+
+        def old_pod_gone() -> bool:
+            seen.extend(_endpoint_conditions(cluster, namespace, "rolling", before))
+            return all(
                 p["metadata"]["name"] != before["metadata"]["name"]
                 for p in pods(cluster, namespace, _selector("rolling"))
-            ),
-            what="the old pod to be gone",
-            timeout=READY_TIMEOUT,
-        )
+            )
+
+        eventually(old_pod_gone, what="the old pod to be gone", timeout=READY_TIMEOUT)
+        draining = {"ready": False, "serving": True, "terminating": True}
+        assert draining in seen, seen
         time.sleep(3)
     finally:
         outcomes = load.stop()
@@ -265,6 +273,21 @@ def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
     assert after["metadata"]["name"] != before["metadata"]["name"]
     assert on_real_node(after)
     cluster.kubectl("delete", "rembgservice", "rolling", "-n", namespace, "--wait=false")
+
+
+def _endpoint_conditions(
+    cluster: DevCluster, namespace: str, service: str, pod: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The conditions of the pod's endpoint in its Service's EndpointSlices, as now seen."""
+    listing = get(
+        cluster, namespace, "endpointslices", "-l", f"kubernetes.io/service-name={service}"
+    )
+    return [
+        dict(endpoint.get("conditions") or {})
+        for item in (listing or {}).get("items", [])
+        for endpoint in item.get("endpoints") or []
+        if (endpoint.get("targetRef") or {}).get("name") == pod["metadata"]["name"]
+    ]
 
 
 def _failing(name: str, cpu: dict[str, Any], **overrides: Any) -> dict[str, Any]:

@@ -36,6 +36,8 @@ FIXED_PATHS = (
     "/var/log/pods",
     "/etc/cni",
 )
+# The real node's own short directories outside its state dir (node_config.NodePaths).
+NODE_DIR_GLOBS = ("/run/rembg-node-*", "/var/lib/rembg-node-*")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 IPTABLES_FAMILIES = ("iptables", "ip6tables")
 _COUNTERS = re.compile(r"\s*\[\d+:\d+\]")
@@ -48,6 +50,7 @@ class HostSnapshot(BaseModel):
     links: list[str]
     cgroups: list[str]
     paths: dict[str, bool]
+    node_dirs: list[str] = []
 
 
 def sysctl_path(name: str) -> Path:
@@ -119,6 +122,7 @@ def take_snapshot() -> HostSnapshot:
         links=sorted(p.name for p in Path("/sys/class/net").iterdir()),
         cgroups=take_cgroups(),
         paths={path: Path(path).exists() for path in FIXED_PATHS},
+        node_dirs=sorted(str(p) for pattern in NODE_DIR_GLOBS for p in Path("/").glob(pattern[1:])),
     )
 
 
@@ -142,6 +146,7 @@ def differences(before: HostSnapshot, after: HostSnapshot) -> list[str]:
     found += _list_changes("mount", before.mounts, after.mounts)
     found += _list_changes("link", before.links, after.links)
     found += _list_changes("cgroup", before.cgroups, after.cgroups)
+    found += _list_changes("node directory", before.node_dirs, after.node_dirs)
     found += [
         f"path {path} {'appeared' if exists else 'disappeared'}"
         for path, exists in after.paths.items()

@@ -77,11 +77,26 @@ class NodePaths:
         return self.root / "containerd" / "config.toml"
 
     @property
+    def _digest(self) -> str:
+        return hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+
+    @property
     def socket_dir(self) -> Path:
-        """Unix socket paths are limited to 108 bytes, which a pytest temp dir easily passes:
-        the sockets live in a short directory named after the state directory."""
-        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
-        return Path("/run") / f"rembg-node-{digest}"
+        """Unix socket paths are limited to 108 bytes, which a deep state dir (a pytest temp
+        dir, a checkout's .cluster) easily passes: sockets live in a short directory named
+        after the state directory."""
+        return Path("/run") / f"rembg-node-{self._digest}"
+
+    @property
+    def kubelet_root(self) -> Path:
+        """kubelet makes its own sockets below its root (pod-resources, plugins), so the root is
+        a short path too; on disk, not /run, because emptyDir volumes live there."""
+        return Path("/var/lib") / f"rembg-node-{self._digest}" / "kubelet"
+
+    @property
+    def host_dirs(self) -> tuple[Path, ...]:
+        """The directories outside the state dir that the node makes (removed at teardown)."""
+        return (self.socket_dir, self.kubelet_root.parent)
 
     @property
     def containerd_socket(self) -> Path:
@@ -94,10 +109,6 @@ class NodePaths:
     @property
     def ipam_dir(self) -> Path:
         return self.root / "cni" / "ipam"
-
-    @property
-    def kubelet_root(self) -> Path:
-        return self.root / "kubelet"
 
     @property
     def kubelet_config(self) -> Path:

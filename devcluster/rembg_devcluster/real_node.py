@@ -242,6 +242,7 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
     _run([str(kube_proxy), "--cleanup"], check=False, timeout=60)
     problems += _remove_new_chains(state.before)
     problems += _unmount_under(state.root)
+    problems += _unmount_under(paths.kubelet_root)
     _delete_links(state.bridge)
     for path, existed in state.before.paths.items():
         if not existed:
@@ -254,7 +255,9 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
             except OSError as error:
                 problems.append(f"sysctl {name}: {error}")
     shutil.rmtree(paths.ipam_dir, ignore_errors=True)
-    shutil.rmtree(paths.socket_dir, ignore_errors=True)
+    for directory in paths.host_dirs:
+        if not _mounts_under(directory):  # never delete through a mount left in place
+            shutil.rmtree(directory, ignore_errors=True)
     return problems
 
 
@@ -303,28 +306,26 @@ def _remove_new_chains(before: host_state.HostSnapshot) -> list[str]:
     return problems
 
 
+def _mounts_under(root: Path) -> list[str]:
+    prefix = str(root.resolve())
+    return [
+        p
+        for p in host_state.mount_points(Path("/proc/self/mountinfo").read_text())
+        if p == prefix or p.startswith(prefix + "/")
+    ]
+
+
 def _unmount_under(root: Path) -> list[str]:
     """Unmounts everything mounted at or below root, deepest first."""
-    prefix = str(root.resolve())
-    problems = []
     for _ in range(3):
-        points = [
-            p
-            for p in host_state.mount_points(Path("/proc/self/mountinfo").read_text())
-            if p == prefix or p.startswith(prefix + "/")
-        ]
+        points = _mounts_under(root)
         if not points:
             return []
         for point in sorted(set(points), key=len, reverse=True):
             result = subprocess.run(["umount", point], capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    problems += [
-        f"still mounted: {p}"
-        for p in host_state.mount_points(Path("/proc/self/mountinfo").read_text())
-        if p == prefix or p.startswith(prefix + "/")
-    ]
-    return problems
+    return [f"still mounted: {p}" for p in _mounts_under(root)]
 
 
 def _delete_links(bridge: str) -> None:

@@ -4,6 +4,7 @@ files, and the KWOK pod -> real server mapping of rembg_devcluster.metrics_stack
 from __future__ import annotations
 
 import base64
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -175,6 +176,53 @@ def test_file_sd_labels_each_target_as_kubernetes_discovery_would() -> None:
         }
         for pod in ("a", "b")
     ]
+
+
+def test_real_pods_are_discovered_and_labelled_as_the_service_monitor_labels_them(
+    tmp_path: Path,
+) -> None:
+    """Relabelling run by hand on the labels Kubernetes discovery gives a pod target."""
+    config = build_prometheus_config(
+        tmp_path / "t.json", "r/*.yaml", pod_discovery_kubeconfig=tmp_path / "kubeconfig"
+    )
+    (scrape,) = config["scrape_configs"]
+    assert scrape["kubernetes_sd_configs"] == [
+        {"role": "pod", "kubeconfig_file": str(tmp_path / "kubeconfig")}
+    ]
+    assert "file_sd_configs" not in scrape
+    target = {
+        "__meta_kubernetes_namespace": "team-a",
+        "__meta_kubernetes_pod_name": "demo-cpu-1",
+        "__meta_kubernetes_pod_phase": "Running",
+        "__meta_kubernetes_pod_container_port_name": "http",
+        "__meta_kubernetes_pod_label_rembg_io_service": "demo",
+        "__meta_kubernetes_pod_label_rembg_io_pool": "cpu",
+    }
+    assert _relabel(scrape["relabel_configs"], target) == {
+        "namespace": "team-a",
+        "pod": "demo-cpu-1",
+        "rembg_service": "demo",
+        "pool": "cpu",
+    }
+    for dropped in (
+        {"__meta_kubernetes_pod_container_port_name": "metrics"},
+        {"__meta_kubernetes_pod_phase": "Pending"},
+        {"__meta_kubernetes_pod_label_rembg_io_service": ""},
+    ):
+        assert _relabel(scrape["relabel_configs"], {**target, **dropped}) is None
+
+
+def _relabel(rules: list[dict[str, Any]], labels: dict[str, str]) -> dict[str, str] | None:
+    """The keep and replace actions of Prometheus' relabelling (anchored regexes)."""
+    out = dict(labels)
+    for rule in rules:
+        value = ";".join(labels.get(name, "") for name in rule["source_labels"])
+        if rule.get("action") == "keep":
+            if not re.fullmatch(rule["regex"], value):
+                return None
+        else:
+            out[rule["target_label"]] = value
+    return {k: v for k, v in out.items() if not k.startswith("__")}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")

@@ -43,6 +43,8 @@ def test_containerd_keeps_everything_private_and_carries_the_two_settings_no_gui
 def test_sockets_fit_the_unix_path_limit_however_deep_the_state_dir(tmp_path: Path) -> None:
     deep = NodePaths(tmp_path / ("x" * 200) / "node")
     assert len(str(deep.containerd_socket) + ".ttrpc") < 104
+    # kubelet's own sockets under its root, e.g. pod-resources/<10 digits>
+    assert len(str(deep.kubelet_root / "pod-resources" / "1234567890")) < 104
     assert deep.socket_dir != NodePaths(tmp_path / "other").socket_dir
 
 
