@@ -141,3 +141,30 @@ def _wait_for_ready_pod(cluster: Any, namespace: str) -> None:
         eventually(probe, what="the web pod to be Ready", timeout=120)
     except AssertionError as error:
         raise AssertionError(f"{error}\n{describe_pods(cluster, namespace)}") from None
+
+
+def test_a_node_left_by_a_killed_run_is_torn_down_by_the_next_start(tmp_path: Path) -> None:
+    """A run killed before its teardown (SIGKILL to every process, the way a session or CI job
+    ends) leaves the bridge, rules and mounts; the next real-node start puts the host back from
+    the state the dead run recorded, then starts its own node."""
+    before = host_state.take_snapshot()
+    killed = start_real_node_cluster(tmp_path / "killed", gpu_nodes=0, monitoring_crds=False)
+    for record in killed.state.processes:
+        killed.kill_process(record.name)
+    assert host_state.differences(before, host_state.take_snapshot()) != []
+    second = start_real_node_cluster(tmp_path / "second", gpu_nodes=0, monitoring_crds=False)
+    try:
+        assert cluster_ready(second)
+    finally:
+        second.stop()
+    assert second.state.teardown_problems == []
+    assert host_state.differences(before, host_state.take_snapshot()) == []
+
+
+def cluster_ready(cluster: Any) -> bool:
+    nodes = cluster.get_json("nodes")["items"]
+    return any(
+        n["metadata"]["name"] == "real-node-0"
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"])
+        for n in nodes
+    )

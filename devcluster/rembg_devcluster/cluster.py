@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import shutil
 import ssl
 import subprocess
@@ -48,6 +49,7 @@ from rembg_devcluster.process import (
 )
 from rembg_devcluster.real_node import NODE_PROCESSES, NodePki, RealNodeState
 
+log = logging.getLogger(__name__)
 ADMIN_USER = "rembg-admin"
 # Stop order: whatever runs on top of the cluster first, then the watchers, then the store.
 CONTROL_PLANE_ORDER = [
@@ -297,6 +299,8 @@ class DevCluster(KubeHandle, ProcessHost):
             self.state.teardown_problems = real_node.teardown_host(
                 self.state.node, self.state.kube_proxy
             )
+            if not self.state.teardown_problems:
+                real_node.forget_owner(self.layout.root)
         self.save()
 
     def _stop_real_node(self, node: RealNodeState) -> None:
@@ -346,6 +350,7 @@ class DevCluster(KubeHandle, ProcessHost):
             real_node.create_network(network)
             node.network_created = True
             self.save()
+            real_node.record_owner(self.layout.root)
         boot = _Boot(
             binaries=config.binaries,
             ports=ports,
@@ -508,10 +513,24 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str | None 
 
 
 def _require_real_node_host(config: ClusterConfig) -> ImageIndex:
+    _tear_down_abandoned_node()
     images = load_image_index(config.images_index)
     real_node.require_host([config.binaries.kubelet, config.binaries.kube_proxy], images)
     assert images is not None  # require_host refuses a missing index
     return images
+
+
+def _tear_down_abandoned_node() -> None:
+    """A real node whose cluster's processes are all gone (its run was killed before teardown)
+    is torn down from the state it recorded, so the host gets back what it had before."""
+    owner = real_node.recorded_owner()
+    if owner is None or not real_node.bridge_exists():
+        return
+    state = _read_state(owner / "state.json")
+    if state is None or state.node is None or any(p.alive() for p in state.processes):
+        return
+    log.warning("real node: tearing down the one a killed run left in %s", owner)
+    stop_from_state(owner)
 
 
 def _plan_real_node(state_dir: Path) -> RealNodeState:

@@ -35,6 +35,7 @@ FIXED_PATHS = (
     "/var/log/containers",
     "/var/log/pods",
     "/etc/cni",
+    "/run/rembg-devcluster-real-node",  # real_node.OWNER_FILE
 )
 # The real node's own short directories outside its state dir (node_config.NodePaths).
 NODE_DIR_GLOBS = ("/run/rembg-node-*", "/var/lib/rembg-node-*")

@@ -42,6 +42,31 @@ CTR_TIMEOUT_SECONDS = 300.0
 WORKLOAD_KINDS = "deployments,replicasets,statefulsets,daemonsets,jobs"
 
 
+# Which cluster's state dir owns the host's real node: a run killed before its teardown (a
+# session ending mid-test) is found and torn down from its recorded state by the next start.
+OWNER_FILE = Path("/run/rembg-devcluster-real-node")
+
+
+def record_owner(state_dir: Path) -> None:
+    OWNER_FILE.write_text(f"{state_dir}\n")
+
+
+def recorded_owner() -> Path | None:
+    try:
+        return Path(OWNER_FILE.read_text().strip())
+    except FileNotFoundError:
+        return None
+
+
+def forget_owner(state_dir: Path) -> None:
+    if recorded_owner() == state_dir:
+        OWNER_FILE.unlink(missing_ok=True)
+
+
+def bridge_exists() -> bool:
+    return Path("/sys/class/net", node_config.BRIDGE).exists()
+
+
 class RealNodeUnavailableError(DevClusterError):
     """This host cannot run a real node; the message says why and what to install."""
 
@@ -86,7 +111,7 @@ def require_host(binaries: Sequence[Path], images: ImageIndex | None) -> None:
             + "; ".join(missing)
             + " (`make setup images` installs them)"
         )
-    if Path("/sys/class/net", node_config.BRIDGE).exists():
+    if bridge_exists():
         raise RealNodeUnavailableError(
             f"a real node already runs on this host (bridge {node_config.BRIDGE} exists); stop "
             "it with `python -m rembg_devcluster down` (--dir of its cluster)"
@@ -239,6 +264,7 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
     """Puts the host back as `state.before` recorded it; returns what could not be restored."""
     problems: list[str] = []
     paths = NodePaths(state.root)
+    _kill_pod_processes(state.before)
     _run([str(kube_proxy), "--cleanup"], check=False, timeout=60)
     problems += _remove_new_chains(state.before)
     problems += _unmount_under(state.root)
@@ -339,13 +365,31 @@ def _delete_links(bridge: str) -> None:
         _run(["ip", "link", "delete", bridge], check=False)
 
 
+def _node_cgroups(before: host_state.HostSnapshot) -> list[str]:
+    """kubelet's top-level cgroups (one `kubepods` per hierarchy) that were not there before;
+    nothing else is touched, whoever else made a cgroup meanwhile."""
+    existed = set(before.cgroups)
+    return [
+        top
+        for top in host_state.take_cgroups()
+        if top not in existed and Path(top).name == "kubepods"
+    ]
+
+
+def _kill_pod_processes(before: host_state.HostSnapshot) -> None:
+    """Container processes outlive their killed shims: whatever still runs in the cgroups the
+    node made (kubepods) is one of its pods' processes, and is SIGKILLed."""
+    for top in _node_cgroups(before):
+        for procs in Path(top).rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                for pid in procs.read_text().split():
+                    os.kill(int(pid), signal.SIGKILL)
+
+
 def _remove_new_cgroups(before: host_state.HostSnapshot) -> list[str]:
     """The cgroups kubelet made (kubepods, ...) in each hierarchy, removed deepest first."""
     problems = []
-    existed = set(before.cgroups)
-    for top in host_state.take_cgroups():
-        if top in existed:
-            continue
+    for top in _node_cgroups(before):
         for directory in sorted(
             (p for p in Path(top).rglob("*") if p.is_dir()),
             key=lambda p: len(p.parts),
