@@ -15,6 +15,7 @@ import numpy as np
 import psutil
 import pytest
 from PIL import Image
+from rembg_devcluster import host_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,7 @@ def test_demo_runs_the_whole_fleet_and_cuts_out_a_photo(tmp_path: Path) -> None:
         pytest.skip("the demo starts its own local control plane")
     state = tmp_path / "demo-cluster"
     cli = [sys.executable, "-m", "rembg_devcluster", "--dir", str(state)]
+    host_before = host_state.take_snapshot()
     try:
         demo = subprocess.run(
             [*cli, "demo"], cwd=REPO, capture_output=True, text=True, timeout=540, check=False
@@ -40,7 +42,11 @@ def test_demo_runs_the_whole_fleet_and_cuts_out_a_photo(tmp_path: Path) -> None:
         assert {"operator", "kubelet", "containerd", "kube-apiserver"} <= set(status["processes"])
         assert "rembg-server" not in status["processes"]
     finally:
-        subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=120, check=False)
+        down = subprocess.run(
+            [*cli, "down"], capture_output=True, text=True, timeout=400, check=False
+        )
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert host_state.differences(host_before, host_state.take_snapshot()) == []
     cutout = Image.open(io.BytesIO((state / "astronaut-cutout.png").read_bytes()))
     assert cutout.mode == "RGBA"
     alpha = np.asarray(cutout)[..., 3]

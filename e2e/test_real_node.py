@@ -8,12 +8,18 @@ after (one real node per host: this module runs alone, before test_real_pods.py)
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psutil
-from rembg_devcluster import host_state
+from rembg_devcluster import DevCluster, host_state
+from rembg_devcluster.cluster import stop_from_state
+from rembg_devcluster.node_config import NODE_TYPE_LABEL, NodePaths
 
 from e2e.operator_support import eventually
 from e2e.real_node_support import (
@@ -53,6 +59,7 @@ def _web_deployment(image: str, replicas: int = 1) -> dict[str, Any]:
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
+                    "nodeSelector": {NODE_TYPE_LABEL: "real"},
                     "terminationGracePeriodSeconds": 1,
                     "securityContext": {"runAsUser": 10001, "runAsGroup": 10001},
                     "containers": [container],
@@ -98,6 +105,8 @@ def test_real_pods_run_route_and_leave_the_host_as_it_was(tmp_path: Path) -> Non
     assert cluster.state.teardown_problems == []
     assert host_state.differences(before, after) == []
     assert _processes_under(state_dir) == []
+    assert cluster.state.node is not None
+    assert _processes_under(NodePaths(cluster.state.node.root).socket_dir) == []
 
 
 def _exercise_node(cluster: Any) -> None:
@@ -124,12 +133,20 @@ def _exercise_node(cluster: Any) -> None:
     wait_for_endpoints(cluster, namespace, "web")
     service_ip = cluster.get_json("service", "web", "-n", namespace)["spec"]["clusterIP"]
     for url in (f"http://{pod_ip}:{PORT}/hostname", f"http://{service_ip}/hostname"):
-        with urllib.request.urlopen(url, timeout=10) as response:
-            assert response.status == 200
+        # kube-proxy rejects a Service it has not yet seen an endpoint for: give it its sync.
+        eventually(lambda url=url: _status(url) == 200, what=f"GET {url}", timeout=30)
     url = f"http://{service_ip}/hostname"
     fetch = f"import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).status)"
     from_pod = cluster.kubectl("exec", "-n", namespace, name, "--", "python", "-c", fetch)
     assert from_pod.stdout.strip() == "200"
+
+
+def _status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except OSError:
+        return None
 
 
 def _wait_for_ready_pod(cluster: Any, namespace: str) -> None:
@@ -148,15 +165,32 @@ def test_a_node_left_by_a_killed_run_is_torn_down_by_the_next_start(tmp_path: Pa
     ends) leaves the bridge, rules and mounts; the next real-node start puts the host back from
     the state the dead run recorded, then starts its own node."""
     before = host_state.take_snapshot()
-    killed = start_real_node_cluster(tmp_path / "killed", gpu_nodes=0, monitoring_crds=False)
-    for record in killed.state.processes:
-        killed.kill_process(record.name)
-    assert host_state.differences(before, host_state.take_snapshot()) != []
-    second = start_real_node_cluster(tmp_path / "second", gpu_nodes=0, monitoring_crds=False)
+    # Started by another process that exits, like `up` from a shell or a CI job.
+    cli = [sys.executable, "-m", "rembg_devcluster", "--dir", str(tmp_path / "killed")]
+    subprocess.run([*cli, "up", "--real-node"], check=True, capture_output=True, timeout=300)
+    killed = DevCluster.attach(tmp_path / "killed")
     try:
-        assert cluster_ready(second)
+        # A running pod: its shim, container processes, mounts and veth are left behind too.
+        namespace = create_restricted_namespace(killed, "killed-run")
+        killed.apply([_web_deployment(image_ref("operator")), _service()], "-n", namespace)
+        _wait_for_ready_pod(killed, namespace)
+        for record in killed.state.processes:
+            os.killpg(record.pid, signal.SIGKILL)
+        eventually(
+            lambda: not any(r.alive() for r in killed.state.processes),
+            what="the killed run's processes to be gone",
+            timeout=30,
+        )
+        assert host_state.differences(before, host_state.take_snapshot()) != []
+        second = start_real_node_cluster(tmp_path / "second", gpu_nodes=0, monitoring_crds=False)
+        try:
+            assert cluster_ready(second)
+            assert killed.state.node is not None
+            assert _processes_under(NodePaths(killed.state.node.root).socket_dir) == []
+        finally:
+            second.stop()
     finally:
-        second.stop()
+        stop_from_state(tmp_path / "killed")  # a no-op once the second start tore it down
     assert second.state.teardown_problems == []
     assert host_state.differences(before, host_state.take_snapshot()) == []
 

@@ -8,7 +8,13 @@ import logging
 import sys
 from pathlib import Path
 
-from rembg_devcluster.cluster import ClusterConfig, DevCluster, describe, stop_from_state
+from rembg_devcluster.cluster import (
+    ClusterConfig,
+    DevCluster,
+    describe,
+    stop_from_state,
+    teardown_problems,
+)
 from rembg_devcluster.demo import run_demo
 from rembg_devcluster.errors import DevClusterError
 
@@ -47,6 +53,9 @@ def _down(args: argparse.Namespace) -> int:
         log.info("cluster down: stopped %s (state in %s)", ", ".join(stopped), args.dir)
     else:
         log.info("cluster down: nothing running from %s", args.dir)
+    if problems := teardown_problems(args.dir):
+        log.error("cluster down: the host is not as it was: %s", "; ".join(problems))
+        return 1
     return 0
 
 

@@ -249,6 +249,9 @@ class DevCluster(KubeHandle, ProcessHost):
                 f"a cluster is already running from {state_dir} ({previous.server}); "
                 "stop it first with `python -m rembg_devcluster down`"
             )
+        if previous and previous.node and not previous.node.torn_down:
+            # Its record is the only way to put the host back: use it before wiping it.
+            stop_from_state(state_dir)
         images = _require_real_node_host(config) if config.real_node else None
         _wipe(state_dir)
         ports = _pick_ports(config.apiserver_port)
@@ -289,35 +292,55 @@ class DevCluster(KubeHandle, ProcessHost):
             names_to_keep=[*CONTROL_PLANE_ORDER, *NODE_PROCESSES],
             grace_seconds=extra_grace_seconds,
         )
-        if self.state.node is not None:
-            self._stop_real_node(self.state.node)
+        node = self.state.node if self.state.node and not self.state.node.torn_down else None
+        problems: list[str] = []
+        if node is not None:
+            problems += self._stop_real_node(node)
         by_name = {p.name: p for p in self.state.processes}
         for name in CONTROL_PLANE_ORDER:
             if found := by_name.get(name):
                 stop(found, self._popens.get(name), grace_seconds=10.0)
-        if self.state.node is not None:
-            self.state.teardown_problems = real_node.teardown_host(
-                self.state.node, self.state.kube_proxy
-            )
-            if not self.state.teardown_problems:
-                real_node.forget_owner(self.layout.root)
+        if node is not None:
+            problems += self._restore_host(node)
+        self.state.teardown_problems = problems
         self.save()
 
-    def _stop_real_node(self, node: RealNodeState) -> None:
+    def _stop_real_node(self, node: RealNodeState) -> list[str]:
+        """Workloads, then kube-proxy and kubelet, then containers, containerd and its shims.
+        Each step runs whatever the one before it raised; failures come back as problems."""
+        problems: list[str] = []
         by_name = {p.name: p for p in self.state.processes}
         apiserver = by_name.get("kube-apiserver")
         kubelet = by_name.get("kubelet")
+        paths = NodePaths(node.root)
         if apiserver and apiserver.alive() and kubelet and kubelet.alive():
-            real_node.drain_node(self.kubectl)
+            real_node.attempt(problems, "drain", lambda: real_node.drain_node(self.kubectl))
         for name in ("kube-proxy", "kubelet"):
             if found := by_name.get(name):
                 stop(found, self._popens.get(name), grace_seconds=10.0)
-        paths = NodePaths(node.root)
-        with contextlib.suppress(DevClusterError, subprocess.SubprocessError):
-            real_node.remove_leftover_containers(paths)
+        real_node.attempt(
+            problems, "leftover containers", lambda: real_node.remove_leftover_containers(paths)
+        )
         if found := by_name.get("containerd"):
             stop(found, self._popens.get("containerd"), grace_seconds=10.0)
-        real_node.kill_shims(paths)
+        real_node.attempt(problems, "shims", lambda: real_node.kill_shims(paths))
+        return problems
+
+    def _restore_host(self, node: RealNodeState) -> list[str]:
+        """Only the node this cluster made: never one another cluster owns now."""
+        owner = real_node.recorded_owner()
+        if owner is not None and owner.path != self.layout.root:
+            return [f"the host's real node belongs to {owner.path} now: left it alone"]
+        problems: list[str] = []
+        real_node.attempt(
+            problems,
+            "host teardown",
+            lambda: problems.extend(real_node.teardown_host(node, self.state.kube_proxy)),
+        )
+        node.torn_down = not problems
+        if node.torn_down:
+            real_node.forget_owner(self.layout.root)
+        return problems
 
     @property
     def records(self) -> list[ProcessRecord]:
@@ -346,11 +369,11 @@ class DevCluster(KubeHandle, ProcessHost):
         network = NodeNetwork(node.bridge, node.pod_cidr) if node else None
         t0 = time.monotonic()
         if node and network:
-            # The API server listens on the bridge, so it must exist first.
-            real_node.create_network(network)
-            node.network_created = True
+            # Recorded before the host changes, so a run killed from here on is undone later.
             self.save()
             real_node.record_owner(self.layout.root)
+            # The API server listens on the bridge, so it must exist first.
+            real_node.create_network(network)
         boot = _Boot(
             binaries=config.binaries,
             ports=ports,
@@ -516,6 +539,12 @@ def _require_real_node_host(config: ClusterConfig) -> ImageIndex:
     _tear_down_abandoned_node()
     images = load_image_index(config.images_index)
     real_node.require_host([config.binaries.kubelet, config.binaries.kube_proxy], images)
+    # One real node per host: the first start to record itself owns it until its teardown.
+    if (owner := real_node.recorded_owner()) is not None:
+        raise real_node.RealNodeUnavailableError(
+            f"a real node already runs on this host (cluster {owner.path}); stop it with "
+            f"`python -m rembg_devcluster --dir {owner.path} down`"
+        )
     assert images is not None  # require_host refuses a missing index
     return images
 
@@ -524,17 +553,24 @@ def _tear_down_abandoned_node() -> None:
     """A real node whose cluster's processes are all gone (its run was killed before teardown)
     is torn down from the state it recorded, so the host gets back what it had before."""
     owner = real_node.recorded_owner()
-    if owner is None or not real_node.bridge_exists():
+    if owner is None or owner.alive():
         return
-    state = _read_state(owner / "state.json")
+    state = _read_state(owner.path / "state.json")
     if state is None or state.node is None or any(p.alive() for p in state.processes):
         return
-    log.warning("real node: tearing down the one a killed run left in %s", owner)
-    stop_from_state(owner)
+    log.warning("real node: tearing down the one a killed run left in %s", owner.path)
+    stop_from_state(owner.path)
 
 
 def _plan_real_node(state_dir: Path) -> RealNodeState:
     """Records the host before the node changes anything, and picks the node's ports."""
+    before = host_state.take_snapshot()
+    if theirs := real_node.kube_chains(before):
+        # kube-proxy --cleanup at teardown would take another Kubernetes node's rules too.
+        raise real_node.RealNodeUnavailableError(
+            f"this host already has Kubernetes iptables chains ({', '.join(theirs[:3])}, ...): "
+            "another node runs here, and a real node beside it would clash"
+        )
     return RealNodeState(
         bridge=node_config.BRIDGE,
         pod_cidr=node_config.POD_CIDR,
@@ -545,7 +581,7 @@ def _plan_real_node(state_dir: Path) -> RealNodeState:
             "proxy_healthz": free_port(),
             "proxy_metrics": free_port(),
         },
-        before=host_state.take_snapshot(),
+        before=before,
     )
 
 
@@ -582,6 +618,12 @@ def stop_from_state(state_dir: Path) -> list[str]:
     running = [p.name for p in state.processes if p.alive()]
     DevCluster(state).stop()
     return running
+
+
+def teardown_problems(state_dir: Path) -> list[str]:
+    """What the last stop of the cluster in state_dir could not put back on the host."""
+    state = _read_state(state_dir.resolve() / "state.json")
+    return list(state.teardown_problems) if state else []
 
 
 def describe(cluster: DevCluster) -> dict[str, object]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -99,6 +100,9 @@ def _iptables_rules(family: str) -> list[str]:
     if save is None:
         return []
     result = subprocess.run([save], capture_output=True, text=True, check=False, timeout=30)
+    if result.returncode != 0:
+        # An empty ruleset here would hide every rule from the comparison.
+        raise OSError(f"{save} exited {result.returncode}: {result.stderr.strip()}")
     return normalise_iptables_save(result.stdout)
 
 
@@ -128,9 +132,14 @@ def take_snapshot() -> HostSnapshot:
 
 
 def _list_changes(what: str, before: list[str], after: list[str]) -> list[str]:
-    added = [x for x in after if x not in before]
-    removed = [x for x in before if x not in after]
-    return [f"{what} added: {x}" for x in added] + [f"{what} removed: {x}" for x in removed]
+    """Counted, not just compared as sets: a second copy of a rule or a mount stacked on a
+    mount point is a change too."""
+    was, now = Counter(before), Counter(after)
+    added = [x for x in after if now[x] > was[x]]
+    removed = [x for x in before if was[x] > now[x]]
+    return [f"{what} added: {x}" for x in dict.fromkeys(added)] + [
+        f"{what} removed: {x}" for x in dict.fromkeys(removed)
+    ]
 
 
 def differences(before: HostSnapshot, after: HostSnapshot) -> list[str]:

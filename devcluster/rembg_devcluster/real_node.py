@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -47,20 +48,53 @@ WORKLOAD_KINDS = "deployments,replicasets,statefulsets,daemonsets,jobs"
 OWNER_FILE = Path("/run/rembg-devcluster-real-node")
 
 
+class NodeOwner(BaseModel):
+    """The cluster (state dir) that owns the host's real node, and the process that made it."""
+
+    path: Path
+    pid: int
+    create_time: float
+
+    def alive(self) -> bool:
+        """The starting process still runs (a cluster still booting has no other process)."""
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.create_time) < 1.0
+        except psutil.NoSuchProcess:
+            return False
+
+
 def record_owner(state_dir: Path) -> None:
-    OWNER_FILE.write_text(f"{state_dir}\n")
-
-
-def recorded_owner() -> Path | None:
+    """Claims the host's real node for state_dir; refused when another cluster holds it."""
+    me = psutil.Process()
+    owner = NodeOwner(path=state_dir, pid=me.pid, create_time=me.create_time())
     try:
-        return Path(OWNER_FILE.read_text().strip())
-    except FileNotFoundError:
+        with OWNER_FILE.open("x") as out:  # atomic: two starts never both get here
+            out.write(owner.model_dump_json())
+    except FileExistsError:
+        holder = recorded_owner()
+        raise RealNodeUnavailableError(
+            f"a real node already runs on this host (cluster {holder.path if holder else '?'})"
+        ) from None
+
+
+def recorded_owner() -> NodeOwner | None:
+    try:
+        return NodeOwner.model_validate_json(OWNER_FILE.read_text())
+    except (FileNotFoundError, ValueError):
         return None
 
 
 def forget_owner(state_dir: Path) -> None:
-    if recorded_owner() == state_dir:
+    if (owner := recorded_owner()) is not None and owner.path == state_dir:
         OWNER_FILE.unlink(missing_ok=True)
+
+
+def attempt(problems: list[str], what: str, step: Callable[[], object]) -> None:
+    """Runs one teardown step; a failure is recorded and the teardown goes on."""
+    try:
+        step()
+    except (DevClusterError, OSError, subprocess.SubprocessError) as error:
+        problems.append(f"{what}: {error}")
 
 
 def bridge_exists() -> bool:
@@ -80,7 +114,8 @@ class RealNodeState(BaseModel):
     ports: dict[str, int]
     before: host_state.HostSnapshot
     images: dict[str, str] = {}
-    network_created: bool = False
+    # Set once the host is back as `before` recorded it: a second stop changes nothing.
+    torn_down: bool = False
 
 
 def missing_host_parts(binaries: Sequence[Path], images: ImageIndex | None) -> list[str]:
@@ -271,8 +306,11 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
     problems += _unmount_under(paths.kubelet_root)
     _delete_links(state.bridge)
     for path, existed in state.before.paths.items():
-        if not existed:
-            shutil.rmtree(path, ignore_errors=True)
+        if not existed and not _mounts_under(Path(path)):
+            if Path(path).is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
     problems += _remove_new_cgroups(state.before)
     for name, value in state.before.sysctls.items():
         if value is not None and host_state.read_sysctl(name) != value:
@@ -306,6 +344,18 @@ def _new_chains(before: list[str], now: list[str]) -> dict[str, list[str]]:
     return added
 
 
+def kube_chains(snapshot: host_state.HostSnapshot) -> list[str]:
+    """KUBE-* chains already on the host (another kubelet or kube-proxy)."""
+    return sorted(
+        {
+            line[1:].split()[0]
+            for lines in snapshot.iptables.values()
+            for line in lines
+            if line.startswith(":KUBE-")
+        }
+    )
+
+
 def _remove_new_chains(before: host_state.HostSnapshot) -> list[str]:
     """Rules jumping to chains kubelet or kube-proxy made, then those chains (flushed)."""
     problems = []
@@ -316,7 +366,7 @@ def _remove_new_chains(before: host_state.HostSnapshot) -> list[str]:
         for table, chains in _new_chains(before.iptables.get(family, []), now).items():
             targets = set(chains)
             for line in now:
-                parts = line.split()
+                parts = shlex.split(line)  # kube-proxy's rules carry quoted comments
                 if parts[:1] == ["-A"] and ("-j" in parts or "-g" in parts):
                     jump = parts[parts.index("-j" if "-j" in parts else "-g") + 1]
                     if jump in targets and parts[1] not in targets:
