@@ -7,7 +7,6 @@ the images `make images` built. A host that cannot run one fails the test with o
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +107,3 @@ def describe_pods(cluster: DevCluster, namespace: str) -> str:
         "get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False
     ).stdout
     return f"{pods_text}\n{events[-3000:]}"
-
-
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, indent=1, sort_keys=True)

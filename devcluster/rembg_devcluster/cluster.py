@@ -592,11 +592,7 @@ def _wipe(state_dir: Path) -> None:
     mistyped --dir never deletes anything else.
     """
     if state_dir.exists() and any(state_dir.iterdir()):
-        mounted = [
-            point
-            for point in host_state.mount_points(Path("/proc/self/mountinfo").read_text())
-            if point.startswith(f"{state_dir.resolve()}/")
-        ]
+        mounted = [p for p in host_state.mounts_under(state_dir) if p != str(state_dir.resolve())]
         if mounted:
             raise DevClusterError(
                 f"{state_dir} still has mounts ({mounted[0]}, ...) from a real node; stop its "

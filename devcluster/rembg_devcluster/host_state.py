@@ -111,6 +111,16 @@ def mount_points(mountinfo: str) -> list[str]:
     return [line.split()[4] for line in mountinfo.splitlines() if len(line.split()) > 4]
 
 
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below root, as this process sees them now."""
+    prefix = str(root.resolve())
+    return [
+        p
+        for p in mount_points(Path("/proc/self/mountinfo").read_text())
+        if p == prefix or p.startswith(prefix + "/")
+    ]
+
+
 def take_cgroups() -> list[str]:
     found = []
     for hierarchy in sorted(CGROUP_ROOT.iterdir()) if CGROUP_ROOT.is_dir() else []:

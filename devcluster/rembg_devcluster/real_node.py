@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel
 
 from rembg_devcluster import host_state, node_config
-from rembg_devcluster.errors import ComponentTimeoutError, DevClusterError
+from rembg_devcluster.errors import DevClusterError
 from rembg_devcluster.images import ImageIndex
 from rembg_devcluster.node_config import NodeNetwork, NodePaths, NodePorts
 
@@ -221,24 +221,10 @@ def containerd_up(paths: NodePaths) -> bool:
     return True
 
 
-def import_images(paths: NodePaths, images: ImageIndex) -> dict[str, float]:
-    """Imports every image archive into the node's containerd; returns seconds per image."""
-    seconds = {}
-    for name, image in images.images.items():
-        started = time.monotonic()
+def import_images(paths: NodePaths, images: ImageIndex) -> None:
+    """Imports every image archive into the node's containerd (unpacked for its snapshotter)."""
+    for image in images.images.values():
         ctr(paths, "images", "import", "--no-unpack=false", str(image.archive))
-        seconds[name] = round(time.monotonic() - started, 2)
-    return seconds
-
-
-def wait_until(
-    what: str, ready: Callable[[], bool], timeout: float, why: Callable[[], str]
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            raise ComponentTimeoutError(f"{what} not ready after {timeout:.0f}s: {why()}")
-        time.sleep(0.2)
 
 
 # ---- teardown --------------------------------------------------------------------------------
@@ -306,7 +292,7 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
     problems += _unmount_under(paths.kubelet_root)
     _delete_links(state.bridge)
     for path, existed in state.before.paths.items():
-        if not existed and not _mounts_under(Path(path)):
+        if not existed and not host_state.mounts_under(Path(path)):
             if Path(path).is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
@@ -320,7 +306,7 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
                 problems.append(f"sysctl {name}: {error}")
     shutil.rmtree(paths.ipam_dir, ignore_errors=True)
     for directory in paths.host_dirs:
-        if not _mounts_under(directory):  # never delete through a mount left in place
+        if not host_state.mounts_under(directory):  # never delete through a mount left in place
             shutil.rmtree(directory, ignore_errors=True)
     return problems
 
@@ -382,26 +368,17 @@ def _remove_new_chains(before: host_state.HostSnapshot) -> list[str]:
     return problems
 
 
-def _mounts_under(root: Path) -> list[str]:
-    prefix = str(root.resolve())
-    return [
-        p
-        for p in host_state.mount_points(Path("/proc/self/mountinfo").read_text())
-        if p == prefix or p.startswith(prefix + "/")
-    ]
-
-
 def _unmount_under(root: Path) -> list[str]:
     """Unmounts everything mounted at or below root, deepest first."""
     for _ in range(3):
-        points = _mounts_under(root)
+        points = host_state.mounts_under(root)
         if not points:
             return []
         for point in sorted(set(points), key=len, reverse=True):
             result = subprocess.run(["umount", point], capture_output=True, text=True, check=False)
             if result.returncode != 0:
                 subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-    return [f"still mounted: {p}" for p in _mounts_under(root)]
+    return [f"still mounted: {p}" for p in host_state.mounts_under(root)]
 
 
 def _delete_links(bridge: str) -> None:
