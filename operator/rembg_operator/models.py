@@ -114,6 +114,28 @@ def parse_quantity(value: str) -> Decimal:
         raise ValueError(f"not a Kubernetes quantity: {value!r}") from error
 
 
+_DURATION_UNIT_SECONDS = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),
+    "w": Decimal(7 * 86400),
+    "y": Decimal(365 * 86400),
+}
+_DURATION_PART_RE = re.compile(r"([0-9]+)(ms|s|m|h|d|w|y)")
+
+
+def parse_duration(value: str) -> Decimal:
+    """A Prometheus duration (DURATION_PATTERN, e.g. "1m30s") in seconds."""
+    if not re.fullmatch(DURATION_PATTERN, value):
+        raise ValueError(f"not a Prometheus duration: {value!r}")
+    return sum(
+        (Decimal(n) * _DURATION_UNIT_SECONDS[unit] for n, unit in _DURATION_PART_RE.findall(value)),
+        Decimal(0),
+    )
+
+
 class SpecModel(BaseModel):
     """Base: camelCase in YAML, snake_case in Python, unknown fields refused."""
 
@@ -356,6 +378,72 @@ class EnvVar(SpecModel):
     value: str = Field(default="", description="Variable value.")
 
 
+# The server's own defaults of the canary (inference_image/rembg_server/settings.py). The operator
+# writes a REMBG_CANARY_* variable only for a field that is set; the alerts need the effective
+# interval and timeout, so these two are repeated here.
+SERVER_CANARY_INTERVAL_SECONDS = 60.0
+SERVER_CANARY_TIMEOUT_SECONDS = 30.0
+
+
+class CanarySettings(SpecModel):
+    """The server's canary: a known image run through each model on a timer, its mask compared
+    with the known answer (IoU). Unset fields keep the server's own defaults."""
+
+    interval_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description=(
+            "Seconds between canary runs (REMBG_CANARY_INTERVAL_SECONDS); 0 disables the "
+            "canary and its alert. Unset: the server's default, 60."
+        ),
+    )
+    min_iou: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description=(
+            "Smallest IoU of the canary's mask with the known answer that counts as a success "
+            "(REMBG_CANARY_MIN_IOU). Unset: the server's default."
+        ),
+    )
+    timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description=(
+            "A canary run longer than this fails (REMBG_CANARY_TIMEOUT_SECONDS). Unset: the "
+            "server's default, 30."
+        ),
+    )
+    unready_after_failures: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description=(
+            "Consecutive canary failures after which the pod reports not ready, so the Service "
+            "stops sending it traffic (REMBG_CANARY_UNREADY_AFTER_FAILURES). Unset or 0: "
+            "readiness is not affected (the server's default)."
+        ),
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.effective_interval_seconds > 0
+
+    @property
+    def effective_interval_seconds(self) -> float:
+        if self.interval_seconds is None:
+            return SERVER_CANARY_INTERVAL_SECONDS
+        return self.interval_seconds
+
+    @property
+    def effective_timeout_seconds(self) -> float:
+        if self.timeout_seconds is None:
+            return SERVER_CANARY_TIMEOUT_SECONDS
+        return self.timeout_seconds
+
+
 class ServerSettings(SpecModel):
     """Inference server settings, passed to the pods as REMBG_* environment variables."""
 
@@ -407,6 +495,10 @@ class ServerSettings(SpecModel):
             "the request timeout on top so in-flight requests finish."
         ),
     )
+    canary: CanarySettings = Field(
+        default_factory=CanarySettings,
+        description="The model canary (REMBG_CANARY_*); alert RembgCanaryFailing.",
+    )
     extra_env: list[EnvVar] = Field(
         default_factory=list, description="Extra environment variables (escape hatch)."
     )
@@ -416,9 +508,19 @@ class AlertThresholds(SpecModel):
     """Thresholds and `for` durations of the generated PrometheusRule."""
 
     error_ratio: float = Field(
-        default=0.05, gt=0, le=1, description="5xx share of requests that fires RembgHighErrorRate."
+        default=0.05,
+        gt=0,
+        le=1,
+        description="5xx share of a pool's requests that fires RembgHighErrorRate.",
     )
     error_ratio_for: Duration = Field(default="5m", description="`for` of RembgHighErrorRate.")
+    rate_window: Duration = Field(
+        default="5m",
+        description=(
+            "Window of the rate() behind RembgHighErrorRate and RembgHighLatency: how long they "
+            "take to see a fault start and end. At least twice monitoring.scrapeInterval."
+        ),
+    )
     latency_p95_seconds: float = Field(
         default=5.0, gt=0, description="p95 latency that fires RembgHighLatency."
     )
@@ -433,7 +535,10 @@ class AlertThresholds(SpecModel):
         default="5m", description="`for` of RembgQueueSaturated."
     )
     no_ready_replicas_for: Duration = Field(
-        default="5m", description="`for` of RembgNoReadyReplicas."
+        default="5m", description="`for` of RembgNoReadyReplicas and RembgServiceDown."
+    )
+    canary_failing_for: Duration = Field(
+        default="5m", description="`for` of RembgCanaryFailing (only with the canary on)."
     )
     gpu_fallback_for: Duration = Field(default="5m", description="`for` of RembgGpuPoolWithoutGpu.")
     jobs_oldest_age_seconds: float = Field(
@@ -747,7 +852,20 @@ def semantic_problems(spec: RembgServiceSpec) -> list[str]:
             f"server.batchMaxSize ({spec.server.batch_max_size}) exceeds "
             f"server.queueMaxRequests ({spec.server.queue_max_requests}): batches can never fill"
         )
+    problems.extend(_monitoring_problems(spec.monitoring))
     return problems
+
+
+def _monitoring_problems(monitoring: MonitoringSpec) -> list[str]:
+    # rate() needs two samples inside its window, or the alerts built on it never fire.
+    window = monitoring.alerts.rate_window
+    if parse_duration(window) < 2 * parse_duration(monitoring.scrape_interval):
+        return [
+            f"monitoring.alerts.rateWindow ({window}) is shorter than twice "
+            f"monitoring.scrapeInterval ({monitoring.scrape_interval}): rate() would see "
+            "fewer than two samples and RembgHighErrorRate/RembgHighLatency would never fire"
+        ]
+    return []
 
 
 def _resource_problems(pool_name: str, resources: Resources) -> list[str]:

@@ -8,6 +8,7 @@ from rembg_operator.models import (
     CpuPoolSpec,
     RembgServiceSpec,
     Resources,
+    parse_duration,
     parse_quantity,
     semantic_problems,
 )
@@ -112,6 +113,67 @@ def test_request_without_limit_is_fine() -> None:
 def test_batch_larger_than_queue_is_a_semantic_problem() -> None:
     spec = make_spec(cpu={}, server={"batchMaxSize": 32, "queueMaxRequests": 16})
     assert any("batchMaxSize" in p for p in semantic_problems(spec))
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", Decimal(30)),
+        ("1m30s", Decimal(90)),
+        ("500ms", Decimal("0.5")),
+        ("2h", Decimal(7200)),
+    ],
+)
+def test_parse_duration(text: str, seconds: Decimal) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_parse_duration_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="not a Prometheus duration"):
+        parse_duration("5 minutes")
+
+
+def test_rate_window_shorter_than_two_scrapes_is_a_semantic_problem() -> None:
+    monitoring = {"scrapeInterval": "30s", "alerts": {"rateWindow": "45s"}}
+    problems = semantic_problems(make_spec(cpu={}, monitoring=monitoring))
+    assert any("rateWindow (45s)" in p and "scrapeInterval (30s)" in p for p in problems)
+
+
+def test_rate_window_of_two_scrapes_is_fine() -> None:
+    monitoring = {"scrapeInterval": "5s", "alerts": {"rateWindow": "10s"}}
+    assert semantic_problems(make_spec(cpu={}, monitoring=monitoring)) == []
+
+
+def test_canary_defaults_are_the_servers() -> None:
+    canary = make_spec(cpu={}).server.canary
+    assert canary.model_dump() == {
+        "interval_seconds": None,
+        "min_iou": None,
+        "timeout_seconds": None,
+        "unready_after_failures": None,
+    }
+    assert canary.enabled
+    assert (canary.effective_interval_seconds, canary.effective_timeout_seconds) == (60, 30)
+
+
+def test_canary_interval_zero_disables_it() -> None:
+    assert not make_spec(cpu={}, server={"canary": {"intervalSeconds": 0}}).server.canary.enabled
+
+
+@pytest.mark.parametrize(
+    "canary",
+    [
+        {"minIou": 0},
+        {"minIou": 1.5},
+        {"intervalSeconds": -1},
+        {"timeoutSeconds": 0},
+        {"unreadyAfterFailures": -1},
+        {"unknown": 1},
+    ],
+)
+def test_canary_rejects_out_of_range_values(canary: dict[str, float]) -> None:
+    with pytest.raises(ValidationError):
+        make_spec(cpu={}, server={"canary": canary})
 
 
 def test_models_pattern_is_enforced() -> None:

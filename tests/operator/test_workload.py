@@ -179,6 +179,44 @@ def test_extra_env_overrides_generated(ref: ServiceRef) -> None:
     assert len(names) == len(set(names))
 
 
+def test_unset_canary_leaves_the_server_defaults(ref: ServiceRef) -> None:
+    env = _env(_deployment(make_spec(cpu={}), "cpu", ref))
+    assert not [name for name in env if name.startswith("REMBG_CANARY_")]
+
+
+def test_canary_settings_become_rembg_env(ref: ServiceRef) -> None:
+    canary = {
+        "intervalSeconds": 2.5,
+        "minIou": 0.9,
+        "timeoutSeconds": 10,
+        "unreadyAfterFailures": 3,
+    }
+    env = _env(_deployment(make_spec(cpu={}, server={"canary": canary}), "cpu", ref))
+    assert {k: v for k, v in env.items() if k.startswith("REMBG_CANARY_")} == {
+        "REMBG_CANARY_INTERVAL_SECONDS": "2.5",
+        "REMBG_CANARY_MIN_IOU": "0.9",
+        "REMBG_CANARY_TIMEOUT_SECONDS": "10",
+        "REMBG_CANARY_UNREADY_AFTER_FAILURES": "3",
+    }
+
+
+def test_only_the_canary_fields_set_are_written(ref: ServiceRef) -> None:
+    spec = make_spec(gpu={}, server={"canary": {"intervalSeconds": 0}})
+    env = _env(_deployment(spec, "gpu", ref))
+    assert {k: v for k, v in env.items() if k.startswith("REMBG_CANARY_")} == {
+        "REMBG_CANARY_INTERVAL_SECONDS": "0"
+    }
+
+
+def test_extra_env_overrides_the_canary(ref: ServiceRef) -> None:
+    server = {
+        "canary": {"minIou": 0.5},
+        "extraEnv": [{"name": "REMBG_CANARY_MIN_IOU", "value": "0.7"}],
+    }
+    env = _env(_deployment(make_spec(cpu={}, server=server), "cpu", ref))
+    assert env["REMBG_CANARY_MIN_IOU"] == "0.7"
+
+
 def test_gpu_pool_provider_fallback_and_image(ref: ServiceRef) -> None:
     spec = make_spec(gpu={}, fallback={"allowCpuInGpuPods": True}, gpuImage="reg/x:cuda")
     deployment = _deployment(spec, "gpu", ref)

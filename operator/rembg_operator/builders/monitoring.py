@@ -25,11 +25,22 @@ from rembg_operator.custom_metrics import (
 )
 from rembg_operator.models import RembgServiceSpec
 
+# Fixed 5m recordings, kept for dashboards and queries outside the operator; the alerts compute
+# their own over alerts.rateWindow.
 P95_RECORD = "rembg:request_duration_seconds:p95_5m"
 ERROR_RATIO_RECORD = "rembg:request_error_ratio:rate5m"
 # Per-pod recordings the autoscalers read live in custom_metrics (one place for the adapter too).
 PENDING_RECORD = PENDING_BY_POD_RECORD
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# kube-state-metrics series of a Deployment.
+READY = "kube_deployment_status_replicas_ready"
+WANTED = "kube_deployment_spec_replicas"
+SERVICE_GROUP = "namespace, rembg_service"
+POOL_GROUP = f"{SERVICE_GROUP}, pool"
+CANARY_GROUP = f"{POOL_GROUP}, pod, model"
+# RembgCanaryFailing: a last success older than this many intervals (plus one round's
+# timeouts) is stale.
+CANARY_STALE_RUNS = 3
 
 
 def _prometheus_label(kubernetes_label: str) -> str:
@@ -126,33 +137,10 @@ def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> l
     selector = service_series_selector(ref)
     saturated_at = spec.server.queue_max_requests * alerts.queue_saturation_ratio
     rules = [
+        _service_down(ref, spec, plans),
         _no_ready_replicas(ref, spec, plans),
-        {
-            "alert": "RembgHighErrorRate",
-            "expr": f"{ERROR_RATIO_RECORD}{{{selector}}} > {alerts.error_ratio:g}",
-            "for": alerts.error_ratio_for,
-            "labels": {"severity": "critical"},
-            "annotations": {
-                "summary": f"rembg {ref.namespace}/{ref.name}: high share of 5xx answers",
-                "description": (
-                    "{{ $value | humanizePercentage }} of requests failed over 5m "
-                    f"(threshold {alerts.error_ratio:.0%})."
-                ),
-            },
-        },
-        {
-            "alert": "RembgHighLatency",
-            "expr": f"{P95_RECORD}{{{selector}}} > {alerts.latency_p95_seconds:g}",
-            "for": alerts.latency_for,
-            "labels": {"severity": "warning"},
-            "annotations": {
-                "summary": f"rembg {ref.namespace}/{ref.name}: p95 latency too high",
-                "description": (
-                    "p95 latency of pool {{ $labels.pool }} is {{ $value | humanizeDuration }} "
-                    f"(threshold {alerts.latency_p95_seconds:g}s)."
-                ),
-            },
-        },
+        _high_error_rate(ref, spec),
+        _high_latency(ref, spec),
         {
             "alert": "RembgQueueSaturated",
             "expr": f"{PENDING_RECORD}{{{selector}}} >= {saturated_at:g}",
@@ -168,6 +156,8 @@ def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> l
             },
         },
     ]
+    if spec.server.canary.enabled:
+        rules.append(_canary_failing(ref, spec))
     if any(plan.is_gpu for plan in plans):
         rules.append(_gpu_without_gpu(ref, spec))
     if spec.jobs.enabled:
@@ -175,22 +165,138 @@ def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> l
     return rules
 
 
-def _no_ready_replicas(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> Manifest:
-    # kube-state-metrics series of this service's Deployments; a pool scaled to zero on
-    # purpose has spec replicas 0 and does not fire.
+def _high_error_rate(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
+    # Over rateWindow, not the 5m recording: a short window lets the alert end soon after
+    # the fault does. Per pool, so a broken pool is not averaged away by a healthy one.
+    alerts = spec.monitoring.alerts
+    selector = service_series_selector(ref)
+    window = alerts.rate_window
+    requests = "rembg_requests_total"
+    errors = f'sum by ({POOL_GROUP}) (rate({requests}{{{selector},code=~"5.."}}[{window}]))'
+    total = f"sum by ({POOL_GROUP}) (rate({requests}{{{selector}}}[{window}]))"
+    return {
+        "alert": "RembgHighErrorRate",
+        "expr": f"{errors} / {total} > {alerts.error_ratio:g}",
+        "for": alerts.error_ratio_for,
+        "labels": {"severity": "critical"},
+        "annotations": {
+            "summary": f"rembg {ref.namespace}/{ref.name}: high share of 5xx answers",
+            "description": (
+                "{{ $value | humanizePercentage }} of the requests to pool {{ $labels.pool }} "
+                f"failed over {window} (threshold {alerts.error_ratio:.0%})."
+            ),
+        },
+    }
+
+
+def _high_latency(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
+    alerts = spec.monitoring.alerts
+    selector = service_series_selector(ref)
+    window = alerts.rate_window
+    p95 = (
+        f"histogram_quantile(0.95, sum by ({POOL_GROUP}, le) "
+        f"(rate(rembg_request_duration_seconds_bucket{{{selector}}}[{window}])))"
+    )
+    return {
+        "alert": "RembgHighLatency",
+        "expr": f"{p95} > {alerts.latency_p95_seconds:g}",
+        "for": alerts.latency_for,
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": f"rembg {ref.namespace}/{ref.name}: p95 latency too high",
+            "description": (
+                "p95 latency of pool {{ $labels.pool }} is {{ $value | humanizeDuration }} "
+                f"over {window} (threshold {alerts.latency_p95_seconds:g}s)."
+            ),
+        },
+    }
+
+
+def _canary_failing(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
+    """A pod whose canary reports failure, or whose last success is older than a few rounds.
+
+    The second branch catches a canary that stopped running; a pod that never succeeded
+    (timestamp 0) is left to the first, so a fresh pod is not flagged before its first run.
+    """
+    canary = spec.server.canary
+    selector = service_series_selector(ref)
+    # One round checks every model in turn, each for up to a timeout, then sleeps an interval.
+    stale_after = (
+        CANARY_STALE_RUNS * canary.effective_interval_seconds
+        + len(spec.models) * canary.effective_timeout_seconds
+    )
+    failed = f"max by ({CANARY_GROUP}) (rembg_canary_success{{{selector}}}) == 0"
+    last = (
+        f"max by ({CANARY_GROUP}) (rembg_canary_last_success_timestamp_seconds{{{selector}}} > 0)"
+    )
+    return {
+        "alert": "RembgCanaryFailing",
+        "expr": f"({failed}) or (time() - {last} > {stale_after:g})",
+        "for": spec.monitoring.alerts.canary_failing_for,
+        "labels": {"severity": "critical"},
+        "annotations": {
+            "summary": f"rembg {ref.namespace}/{ref.name}: the model canary fails",
+            "description": (
+                "The canary of model {{ $labels.model }} on pod {{ $labels.pod }} (pool "
+                "{{ $labels.pool }}) fails or has not succeeded for more than "
+                f"{stale_after:g}s: the model produces wrong masks (IoU with the known answer "
+                "too low), errors or times out. rembg_canary_failures_total says why."
+            ),
+        },
+    }
+
+
+def _deployments(ref: ServiceRef, plans: list[PoolPlan], metric: str) -> str:
+    """A kube-state-metrics series of this service's Deployments, one per Deployment (a second
+    kube-state-metrics replica adds nothing)."""
     deployments = "|".join(ref.pool_object_name(plan.name) for plan in plans)
     selector = f'namespace="{ref.namespace}",deployment=~"{deployments}"'
+    return f"max by (namespace, deployment) ({metric}{{{selector}}})"
+
+
+def _with_service(series: str) -> str:
+    # Deployments are named `<service>-<pool>` (meta.py) and pool names hold no dash.
+    return f'label_replace({series}, "rembg_service", "$1", "deployment", "(.+)-[^-]+")'
+
+
+def _with_pool(series: str) -> str:
+    return f'label_replace({series}, "pool", "$1", "deployment", ".+-([^-]+)")'
+
+
+def _no_ready_replicas(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> Manifest:
+    # A pool scaled to zero on purpose has spec replicas 0 and does not fire.
+    ready = _with_pool(_with_service(_deployments(ref, plans, READY)))
+    wanted = _deployments(ref, plans, WANTED)
     return {
         "alert": "RembgNoReadyReplicas",
-        "expr": (
-            f"(kube_deployment_status_replicas_ready{{{selector}}} == 0)"
-            f" and on (namespace, deployment) (kube_deployment_spec_replicas{{{selector}}} > 0)"
-        ),
+        "expr": f"({ready} == 0) and on (namespace, deployment) ({wanted} > 0)",
         "for": spec.monitoring.alerts.no_ready_replicas_for,
         "labels": {"severity": "critical"},
         "annotations": {
             "summary": f"rembg {ref.namespace}/{ref.name}: a pool has no ready replica",
-            "description": "Deployment {{ $labels.deployment }} has no ready pod.",
+            "description": (
+                "Deployment {{ $labels.deployment }} (pool {{ $labels.pool }}) has no ready pod."
+            ),
+        },
+    }
+
+
+def _service_down(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> Manifest:
+    # Every pool at zero ready while some pool wants replicas: nothing serves the Service.
+    ready = f"sum by ({SERVICE_GROUP}) ({_with_service(_deployments(ref, plans, READY))})"
+    wanted = f"sum by ({SERVICE_GROUP}) ({_with_service(_deployments(ref, plans, WANTED))})"
+    return {
+        "alert": "RembgServiceDown",
+        "expr": f"({ready} == 0) and on ({SERVICE_GROUP}) ({wanted} > 0)",
+        "for": spec.monitoring.alerts.no_ready_replicas_for,
+        "labels": {"severity": "critical"},
+        "annotations": {
+            "summary": f"rembg {ref.namespace}/{ref.name}: no pool has a ready replica",
+            "description": (
+                f"Service {ref.name} has no ready pod in any pool: every request fails. "
+                "The per-pool alerts of this service say more (RembgNoReadyReplicas, "
+                "RembgCanaryFailing, RembgGpuPoolWithoutGpu)."
+            ),
         },
     }
 

@@ -24,7 +24,13 @@ from rembg_operator.builders.meta import (
     service_selector,
 )
 from rembg_operator.builders.plan import PoolPlan
-from rembg_operator.models import GpuPoolSpec, JobsSpec, RembgServiceSpec, parse_quantity
+from rembg_operator.models import (
+    CanarySettings,
+    GpuPoolSpec,
+    JobsSpec,
+    RembgServiceSpec,
+    parse_quantity,
+)
 
 # The non-root user the inference image (inference_image/Dockerfile) creates.
 RUN_AS_USER = 10001
@@ -182,10 +188,22 @@ def server_env(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> list[
         "REMBG_ALPHA_MATTING_ENABLED": _bool(server.alpha_matting_enabled),
     }
     env: dict[str, Manifest] = {name: {"name": name, "value": v} for name, v in values.items()}
+    env.update((var["name"], var) for var in canary_env(spec.server.canary))
     env.update((var["name"], var) for var in jobs_env(ref, spec.jobs))
     # Extra variables win over the generated ones: they are the user's explicit override.
     env.update((var.name, {"name": var.name, "value": var.value}) for var in server.extra_env)
     return list(env.values())
+
+
+def canary_env(canary: CanarySettings) -> list[Manifest]:
+    """REMBG_CANARY_* of the fields that are set; an unset one keeps the server's default."""
+    values = {
+        "REMBG_CANARY_INTERVAL_SECONDS": canary.interval_seconds,
+        "REMBG_CANARY_MIN_IOU": canary.min_iou,
+        "REMBG_CANARY_TIMEOUT_SECONDS": canary.timeout_seconds,
+        "REMBG_CANARY_UNREADY_AFTER_FAILURES": canary.unready_after_failures,
+    }
+    return [_value(name, _number(v)) for name, v in values.items() if v is not None]
 
 
 def jobs_env(ref: ServiceRef, jobs: JobsSpec) -> list[Manifest]:
