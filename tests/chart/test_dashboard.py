@@ -138,9 +138,21 @@ def test_dashboard_covers_the_fleet(dashboard: dict[str, Any]) -> None:
         "rembg_pending_requests",  # queue depth
         "rembg_pending_megapixels",
         "kube_deployment_status_replicas_available",  # replicas per pool
+        "rembg_canary_success",  # the model canary, per pod
+        "rembg_canary_last_success_timestamp_seconds",
+        "rembg_canary_iou",
     } <= used
     by_device = [e for e in queries(dashboard) if re.search(r"by \([^)]*\bdevice\b", e)]
     assert by_device, "GPU vs CPU: some panel must split by the device label"
+
+
+def test_series_are_selected_by_the_service_monitor_labels(dashboard: dict[str, Any]) -> None:
+    # The operator's ServiceMonitor adds `rembg_service`; `service` (the Kubernetes Service)
+    # exists only where the Prometheus Operator scrapes, not with plain pod discovery.
+    for expr in queries(dashboard):
+        assert not re.search(r"(?<![\w])service\s*=~?", expr), expr
+        if "$service" in expr:
+            assert 'rembg_service=~"$service"' in expr, expr
 
 
 def test_every_query_is_valid_promql(dashboard: dict[str, Any], tmp_path: Path) -> None:
