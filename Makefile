@@ -23,12 +23,14 @@ setup: system-deps venv model binaries ## Install everything: system packages, P
 # The real node and the image builds: containerd, runc, CNI plugins, iptables, conntrack, and
 # buildah + debootstrap + gcc (base image, pause image); see devcluster/README.md.
 NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack buildah debootstrap gcc libc6-dev
+# The monitoring e2e: Alertmanager and amtool (the Prometheus Operator runs Prometheus in pods).
+MONITORING_PACKAGES := prometheus-alertmanager
 system-deps: ## Debian packages the tests use (promtool, openssl, redis, the real node's parts); needs root or sudo
-	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
+	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES) $(MONITORING_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
 	if [ $${#need[@]} -gt 0 ]; then \
 	  sudo_=$$( [ "$$(id -u)" = 0 ] && echo || echo sudo ); \
 	  $$sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_ apt-get install -y -qq --no-install-recommends "$${need[@]}"; \
-	  systemctl stop prometheus redis-server containerd 2>/dev/null || true; \
+	  systemctl stop prometheus prometheus-alertmanager redis-server containerd 2>/dev/null || true; \
 	fi
 
 venv: $(VENV)/.installed ## Python virtualenv with the project and its dev extras
@@ -117,5 +119,5 @@ bench-jobs: system-deps venv model ## The job path (/v1/jobs via a real Redis) v
 
 ##@ Images
 .PHONY: images
-images: venv ## Server, operator and pause images as docker-archive tarballs, cached by inputs (buildah without Docker); see build/images.json
+images: venv binaries ## Server, operator, pause and the monitoring test's images as docker-archive tarballs, cached by inputs (buildah without Docker); see build/images.json
 	devcluster/build-images.sh

@@ -122,6 +122,47 @@ if ! is_cached "$po_dest" prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION
   for f in "${po_files[@]}"; do cp "$dir/example/prometheus-operator-crd/$f" "$tmp/"; done
   publish "$tmp" "$po_dest" prometheus-operator-crds "$PROMETHEUS_OPERATOR_VERSION" $((SECONDS - start))
 fi
+# --- The Prometheus Operator and its config reloader (monitoring e2e: all of it in pods) --------
+# Every CRD it watches is installed with it, so its copies ship in the same folder, with the
+# upstream RBAC and Deployment manifests.
+po_bin=$CACHE/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION
+if ! is_cached "$po_bin" prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" operator prometheus-config-reloader crds/monitoring.coreos.com_prometheuses.yaml manifests/prometheus-operator-deployment.yaml; then
+  current_step="prometheus-operator $PROMETHEUS_OPERATOR_VERSION"
+  start=$SECONDS
+  say "building prometheus-operator and prometheus-config-reloader $PROMETHEUS_OPERATOR_VERSION"
+  tmp=$(mktemp -d "$CACHE/bin/.prometheus-operator.XXXXXX")
+  dir=$("$GO" mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  # Its go.mod replaces its API and client modules with folders the module zip leaves out (they
+  # are modules of their own): a writable copy without the replace block builds against the
+  # published ones, of the same version (the require block names them).
+  work=$CACHE/src/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION
+  rm -rf "$work"; mkdir -p "$CACHE/src"; cp -r "$dir" "$work"; chmod -R u+w "$work"
+  sed -i '/^replace (/,/^)/d' "$work/go.mod"
+  # The version is stamped the way the project's Makefile does, so Prometheus pods carry it.
+  (cd "$work" && GOWORK=off "$GO" build -mod=mod -trimpath -o "$tmp/" \
+    -ldflags "-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_OPERATOR_VERSION#v}" \
+    ./cmd/operator ./cmd/prometheus-config-reloader)
+  mkdir "$tmp/crds" && cp "$dir"/example/prometheus-operator-crd/*.yaml "$tmp/crds/"
+  # Its own RBAC and Deployment, and Prometheus' RBAC: the manifests users deploy it with.
+  mkdir "$tmp/manifests" && cp "$dir"/example/rbac/prometheus-operator/*.yaml "$dir"/example/rbac/prometheus/prometheus-{cluster-role,cluster-role-binding,service-account}.yaml "$tmp/manifests/"
+  rm -rf "$work"
+  publish "$tmp" "$po_bin" prometheus-operator "$PROMETHEUS_OPERATOR_VERSION" $((SECONDS - start))
+fi
+
+# --- kube-state-metrics: the Deployment readiness series RembgNoReadyReplicas reads (in a pod) --
+ksm_dest=$CACHE/bin/kube-state-metrics-$KUBE_STATE_METRICS_VERSION
+if ! is_cached "$ksm_dest" kube-state-metrics "$KUBE_STATE_METRICS_VERSION" kube-state-metrics manifests/deployment.yaml; then
+  current_step="kube-state-metrics $KUBE_STATE_METRICS_VERSION"
+  start=$SECONDS
+  say "building kube-state-metrics $KUBE_STATE_METRICS_VERSION"
+  tmp=$(mktemp -d "$CACHE/bin/.kube-state-metrics.XXXXXX")
+  dir=$("$GO" mod download -json "k8s.io/kube-state-metrics/v2@$KUBE_STATE_METRICS_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  (cd "$dir" && GOWORK=off "$GO" build -trimpath -ldflags "-s -w -X github.com/prometheus/common/version.Version=${KUBE_STATE_METRICS_VERSION#v}" -o "$tmp/kube-state-metrics" .)
+  # The upstream "standard" manifests (RBAC, Deployment, Service) it is deployed with.
+  mkdir "$tmp/manifests" && cp "$dir"/examples/standard/{cluster-role,cluster-role-binding,service-account,deployment,service}.yaml "$tmp/manifests/"
+  publish "$tmp" "$ksm_dest" kube-state-metrics "$KUBE_STATE_METRICS_VERSION" $((SECONDS - start))
+fi
+
 # --- prometheus-adapter (custom metrics API for the autoscaling e2e test) -----------------------
 # `go install module@version` asks the proxy for the module's version list (deprecation check),
 # which the proxy here refuses; building inside the downloaded module uses its own go.sum instead.

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Builds the three images a node runs, each exported as a docker-archive tarball that containerd
+# Builds the images a node runs, each exported as a docker-archive tarball that containerd
 # imports with `ctr -n k8s.io images import FILE`, cached by their inputs outside the clone:
 #   ghcr.io/rembg-fleet/server:<version>    inference_image/Dockerfile (CPU; u2netp.onnx baked in)
 #   ghcr.io/rembg-fleet/operator:<version>  operator/Dockerfile
 #   localhost/rembg-fleet/pause:3.10        the pod sandbox: pause.c from the k8s.io/kubernetes
 #                                           module, gcc -static, FROM scratch
+# and, for the monitoring e2e test, FROM scratch around the static binaries build-binaries.sh
+# made (so `make binaries` comes first): localhost/rembg-fleet/prometheus-operator, .../prometheus,
+# .../prometheus-config-reloader, .../kube-state-metrics; and localhost/rembg-fleet/server-broken-model (the server
+# image plus a model that yields empty masks, for the canary test).
 # Usage: devcluster/build-images.sh   (`make images`; needs root without a Docker engine)
 #        REMBG_FLEET_BUILD_CUDA=1 also builds <server>-cuda from Dockerfile.cuda (Docker only)
 #
@@ -216,6 +220,9 @@ smoke_cmd() { # name -> the command (one argument a line) that proves the image 
   case $1 in
     pause) printf '%s\n' /pause -v;;
     operator) printf '%s\n' python -c 'import os, kopf, rembg_operator; print("operator: uid", os.getuid(), "kopf", getattr(kopf, "__version__", "?"), rembg_operator.__file__)';;
+    prometheus-operator|prometheus|prometheus-config-reloader) printf '%s\n' "/bin/$1" --version;;
+    kube-state-metrics) printf '%s\n' /bin/kube-state-metrics version;;
+    server-broken-model) printf '%s\n' python -c 'import os; assert os.path.getsize("/models-broken/u2netp.onnx") > 0; print("broken model in place")';;
     server) printf '%s\n' python -c 'import os, sys, rembg_server, rembg_server.app, onnxruntime; assert "site-packages" in rembg_server.__file__, rembg_server.__file__; assert os.path.getsize("/models/u2netp.onnx") > 4_000_000; print("server: uid", os.getuid(), "onnxruntime", onnxruntime.__version__, "python", sys.version.split()[0], rembg_server.__file__)';;
   esac
 }
@@ -390,6 +397,54 @@ if [ ! -s "$IMAGES/pause-${pause_key:0:12}.tar" ]; then
 fi
 build_image pause "$PAUSE_REF" "$pause_key" "$tmp/pause" "$tmp/pause/Dockerfile"
 
+# --- Monitoring: the Prometheus Operator, Prometheus, its config reloader, kube-state-metrics ----
+# The static Go binaries build-binaries.sh built (`make binaries` first), each FROM scratch as an
+# unprivileged user, for the Prometheus Operator's pods (devcluster/rembg_devcluster/monitoring.py).
+prom_ver=${PROMETHEUS_VERSION#v0.}  # the Go module's v0.315.1 is Prometheus 3.15.1
+prom_ver=v3.${prom_ver#3}
+declare -A go_image_ref=(
+  [prometheus-operator]=localhost/rembg-fleet/prometheus-operator:$PROMETHEUS_OPERATOR_VERSION
+  [prometheus]=localhost/rembg-fleet/prometheus:$prom_ver
+  [prometheus-config-reloader]=localhost/rembg-fleet/prometheus-config-reloader:$PROMETHEUS_OPERATOR_VERSION
+  [kube-state-metrics]=localhost/rembg-fleet/kube-state-metrics:$KUBE_STATE_METRICS_VERSION
+)
+declare -A go_image_binary=(
+  [prometheus-operator]=$CACHE/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/operator
+  [prometheus]=$CACHE/bin/prometheus-$PROMETHEUS_VERSION/prometheus
+  [prometheus-config-reloader]=$CACHE/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/prometheus-config-reloader
+  [kube-state-metrics]=$CACHE/bin/kube-state-metrics-$KUBE_STATE_METRICS_VERSION/kube-state-metrics
+)
+for name in prometheus-operator prometheus prometheus-config-reloader kube-state-metrics; do
+  current_step="the $name image"
+  binary=${go_image_binary[$name]}
+  [ -x "$binary" ] || { say "missing $binary: run \`make binaries\` (devcluster/build-binaries.sh) first"; false; }
+  dockerfile="FROM scratch
+COPY $name /bin/$name
+USER 65534:65534
+ENTRYPOINT [\"/bin/$name\"]"
+  key=$({ echo "recipe=$RECIPE engine=$engine"; echo "$dockerfile"; sha256sum < "$binary"; } | sha256)
+  if [ ! -s "$IMAGES/$name-${key:0:12}.tar" ]; then
+    mkdir -p "$tmp/$name"
+    cp "$binary" "$tmp/$name/$name"
+    echo "$dockerfile" > "$tmp/$name/Dockerfile"
+  fi
+  build_image "$name" "${go_image_ref[$name]}" "$key" "$tmp/$name" "$tmp/$name/Dockerfile"
+done
+
+# --- A server whose model yields empty masks (the canary's e2e test), FROM the server image ----
+# e2e/images/broken_model.py writes a u2netp.onnx of the right shape; a pod only loads it with an
+# explicit REMBG_MODEL_CHECKSUMS override. Test-only: never pushed anywhere.
+BROKEN_REF=localhost/rembg-fleet/server-broken-model:$version
+current_step="the broken model"
+broken_key=$({ echo "server=$server_key"; hash_inputs e2e/images; } | sha256)
+if [ ! -s "$IMAGES/server-broken-model-${broken_key:0:12}.tar" ]; then
+  mkdir -p "$tmp/broken"
+  "$PYTHON" "$root/e2e/images/broken_model.py" "$tmp/broken" >/dev/null
+  printf 'ARG SERVER_IMAGE\nFROM ${SERVER_IMAGE}\nCOPY --chmod=0444 u2netp.onnx /models-broken/u2netp.onnx\n' > "$tmp/broken/Dockerfile"
+fi
+build_image server-broken-model "$BROKEN_REF" "$broken_key" "$tmp/broken" "$tmp/broken/Dockerfile" \
+  --build-arg "SERVER_IMAGE=$SERVER_REF"
+
 # Intermediate images of older Dockerfiles are never reused; past a bound, prune the dangling ones
 # (the current layer cache is the chain under the tagged images and mostly survives).
 if [ "$engine" = buildah ]; then
@@ -406,8 +461,11 @@ mkdir -p "$root/build"
 {
   echo '{"images": {'
   sep=
-  for name in server operator pause; do
-    case $name in server) ref=$SERVER_REF;; operator) ref=$OPERATOR_REF;; pause) ref=$PAUSE_REF;; esac
+  for name in server operator pause prometheus-operator prometheus prometheus-config-reloader kube-state-metrics server-broken-model; do
+    case $name in
+      server) ref=$SERVER_REF;; operator) ref=$OPERATOR_REF;; pause) ref=$PAUSE_REF;;
+      server-broken-model) ref=$BROKEN_REF;; *) ref=${go_image_ref[$name]};;
+    esac
     printf '%s  "%s": {"ref": "%s", "archive": "%s", "key": "%s", "size_bytes": %s, "build_seconds": %s, "cached": %s}' \
       "$sep" "$name" "$ref" "${result_archive[$name]}" "${result_key[$name]}" "${result_size[$name]}" \
       "${result_seconds[$name]}" "${result_cached[$name]}"

@@ -28,7 +28,13 @@ from pydantic import BaseModel
 from rembg_devcluster import flags, host_state, node_config, nodes, pki, real_node
 from rembg_devcluster.binaries import Binaries, locate_binaries
 from rembg_devcluster.errors import ComponentTimeoutError, DevClusterError
-from rembg_devcluster.images import INDEX_FILE, SANDBOX_IMAGE, ImageIndex, load_image_index
+from rembg_devcluster.images import (
+    INDEX_FILE,
+    NODE_IMAGES,
+    SANDBOX_IMAGE,
+    ImageIndex,
+    load_image_index,
+)
 from rembg_devcluster.kube import KubeHandle
 from rembg_devcluster.kubeconfig import (
     CertCredentials,
@@ -90,6 +96,8 @@ class ClusterConfig:
     # the images listed in images_index (written by `make images`).
     real_node: bool = False
     images_index: Path = INDEX_FILE
+    # The images of images_index the node imports (the monitoring test adds its own).
+    node_images: tuple[str, ...] = NODE_IMAGES
 
 
 @dataclass(frozen=True)
@@ -538,6 +546,11 @@ def _http_ok(url: str, context: ssl.SSLContext | None = None, token: str | None 
 def _require_real_node_host(config: ClusterConfig) -> ImageIndex:
     _tear_down_abandoned_node()
     images = load_image_index(config.images_index)
+    if images is not None and (absent := images.absent(config.node_images)):
+        raise real_node.RealNodeUnavailableError(
+            f"{config.images_index} lists no {', '.join(absent)} image: run `make images`"
+        )
+    images = images.subset(config.node_images) if images is not None else None
     real_node.require_host([config.binaries.kubelet, config.binaries.kube_proxy], images)
     # One real node per host: the first start to record itself owns it until its teardown.
     if (owner := real_node.recorded_owner()) is not None:

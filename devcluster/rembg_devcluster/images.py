@@ -9,6 +9,15 @@ from pydantic import BaseModel
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INDEX_FILE = REPO_ROOT / "build" / "images.json"
 SANDBOX_IMAGE = "pause"
+# What every real node imports at start; others (the monitoring test's) only when asked for.
+NODE_IMAGES = (SANDBOX_IMAGE, "server", "operator")
+MONITORING_IMAGES = (
+    "prometheus-operator",
+    "prometheus",
+    "prometheus-config-reloader",
+    "kube-state-metrics",
+)
+BROKEN_MODEL_IMAGE = "server-broken-model"
 
 
 class BuiltImage(BaseModel):
@@ -28,6 +37,14 @@ class ImageIndex(BaseModel):
 
     def ref(self, name: str) -> str:
         return self.images[name].ref
+
+    def absent(self, names: tuple[str, ...]) -> list[str]:
+        """The names this index does not list (an older `make images` built fewer)."""
+        return [name for name in names if name not in self.images]
+
+    def subset(self, names: tuple[str, ...]) -> ImageIndex:
+        """The named images only (every name must be listed: check absent() first)."""
+        return ImageIndex(images={name: self.images[name] for name in names})
 
 
 def load_image_index(path: Path = INDEX_FILE) -> ImageIndex | None:

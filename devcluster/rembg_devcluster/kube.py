@@ -16,6 +16,25 @@ import yaml
 from rembg_devcluster.errors import ComponentTimeoutError, KubectlError
 from rembg_devcluster.kubeconfig import TokenCredentials, build_kubeconfig, write_kubeconfig
 
+
+class _ManifestLoader(yaml.SafeLoader):
+    """YAML 1.1 as Kubernetes reads it: a bare `=` is a string (PyYAML alone makes it the
+    undefined `value` tag; the Prometheus Operator's CRDs list it in an enum)."""
+
+
+def _bare_value(loader: yaml.SafeLoader, node: yaml.Node) -> str:
+    assert isinstance(node, yaml.ScalarNode)  # the tag is only ever resolved for scalars
+    return str(loader.construct_scalar(node))
+
+
+_ManifestLoader.add_constructor("tag:yaml.org,2002:value", _bare_value)
+
+
+def load_manifests(text: str) -> list[dict[str, Any]]:
+    """The documents of a multi-document YAML manifest (empty ones dropped)."""
+    return [doc for doc in yaml.load_all(text, Loader=_ManifestLoader) if doc]
+
+
 KUBECTL_TIMEOUT_SECONDS = 120.0
 
 
@@ -102,8 +121,8 @@ class KubeHandle:
             self.apply(text)
             names += [
                 str(doc["metadata"]["name"])
-                for doc in yaml.safe_load_all(text)
-                if doc and doc.get("kind") == "CustomResourceDefinition"
+                for doc in load_manifests(text)
+                if doc.get("kind") == "CustomResourceDefinition"
             ]
         if names:
             self.wait_for(

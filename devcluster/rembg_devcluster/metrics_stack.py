@@ -39,8 +39,7 @@ import json
 import os
 import shutil
 import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,9 @@ import yaml
 from rembg_devcluster import pki
 from rembg_devcluster.binaries import VERSIONS_FILE, cache_dir, parse_versions_env
 from rembg_devcluster.cluster import DevCluster
-from rembg_devcluster.errors import BinaryMissingError, ComponentTimeoutError
+from rembg_devcluster.errors import BinaryMissingError
 from rembg_devcluster.ports import free_port
+from rembg_devcluster.waiting import wait_until
 
 LOOPBACK = "127.0.0.1"
 PROMETHEUS_NAME = "prometheus"
@@ -359,16 +359,6 @@ def _write_atomically(path: Path, text: str) -> bool:
     return True
 
 
-def _wait(what: str, timeout: float, probe: Callable[[], bool], logs: Callable[[], str]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError, OSError):
-            if probe():
-                return
-        time.sleep(0.5)
-    raise ComponentTimeoutError(f"{what} not ready after {timeout:.0f}s; log tail:\n{logs()}")
-
-
 @dataclass
 class MetricsStack:
     cluster: DevCluster
@@ -445,7 +435,7 @@ class MetricsStack:
         binary = prometheus_binary(kubernetes_sd=self.discover_pods)
         argv = build_prometheus_args(binary, self.workdir, self.prometheus_port)
         self.cluster.spawn(PROMETHEUS_NAME, argv)
-        _wait(
+        wait_until(
             "prometheus",
             timeout,
             lambda: httpx.get(f"{self.prometheus_url}/-/ready", timeout=2).status_code == 200,
@@ -463,7 +453,7 @@ class MetricsStack:
         self.cluster.spawn(ADAPTER_NAME, argv)
         ca_pem = (self.workdir / "adapter-ca.crt").read_bytes()
         self.cluster.apply(build_apiservice_manifests(self.adapter_port, ca_pem))
-        _wait(
+        wait_until(
             "custom.metrics.k8s.io and external.metrics.k8s.io APIServices",
             timeout,
             self._api_served,
