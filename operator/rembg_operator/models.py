@@ -561,7 +561,13 @@ class MonitoringSpec(SpecModel):
 
     enabled: bool = Field(default=True, description="Create the PrometheusRule/ServiceMonitor.")
     scrape_interval: Duration = Field(default="30s", description="ServiceMonitor scrape interval.")
-    scrape_timeout: Duration = Field(default="10s", description="ServiceMonitor scrape timeout.")
+    scrape_timeout: Duration | None = Field(
+        default=None,
+        description=(
+            "ServiceMonitor scrape timeout; unset: 10s, or scrapeInterval where that is shorter "
+            "(the Prometheus Operator drops a ServiceMonitor whose timeout exceeds its interval)."
+        ),
+    )
     labels: dict[str, str] = Field(
         default_factory=dict,
         description="Extra labels so a Prometheus selects them, e.g. {release: kube-prometheus}.",
@@ -856,16 +862,36 @@ def semantic_problems(spec: RembgServiceSpec) -> list[str]:
     return problems
 
 
+DEFAULT_SCRAPE_TIMEOUT = "10s"
+
+
+def effective_scrape_timeout(monitoring: MonitoringSpec) -> str:
+    """The timeout the ServiceMonitor gets: the spec's, else 10s capped at the interval."""
+    if monitoring.scrape_timeout is not None:
+        return monitoring.scrape_timeout
+    interval = monitoring.scrape_interval
+    if parse_duration(interval) < parse_duration(DEFAULT_SCRAPE_TIMEOUT):
+        return interval
+    return DEFAULT_SCRAPE_TIMEOUT
+
+
 def _monitoring_problems(monitoring: MonitoringSpec) -> list[str]:
+    problems = []
     # rate() needs two samples inside its window, or the alerts built on it never fire.
-    window = monitoring.alerts.rate_window
-    if parse_duration(window) < 2 * parse_duration(monitoring.scrape_interval):
-        return [
+    window, interval = monitoring.alerts.rate_window, monitoring.scrape_interval
+    if parse_duration(window) < 2 * parse_duration(interval):
+        problems.append(
             f"monitoring.alerts.rateWindow ({window}) is shorter than twice "
-            f"monitoring.scrapeInterval ({monitoring.scrape_interval}): rate() would see "
+            f"monitoring.scrapeInterval ({interval}): rate() would see "
             "fewer than two samples and RembgHighErrorRate/RembgHighLatency would never fire"
-        ]
-    return []
+        )
+    timeout = monitoring.scrape_timeout
+    if timeout is not None and parse_duration(timeout) > parse_duration(interval):
+        problems.append(
+            f"monitoring.scrapeTimeout ({timeout}) exceeds monitoring.scrapeInterval "
+            f"({interval}): the Prometheus Operator would drop the ServiceMonitor"
+        )
+    return problems
 
 
 def _resource_problems(pool_name: str, resources: Resources) -> list[str]:

@@ -8,6 +8,7 @@ from rembg_operator.models import (
     CpuPoolSpec,
     RembgServiceSpec,
     Resources,
+    effective_scrape_timeout,
     parse_duration,
     parse_quantity,
     semantic_problems,
@@ -142,6 +143,29 @@ def test_rate_window_shorter_than_two_scrapes_is_a_semantic_problem() -> None:
 def test_rate_window_of_two_scrapes_is_fine() -> None:
     monitoring = {"scrapeInterval": "5s", "alerts": {"rateWindow": "10s"}}
     assert semantic_problems(make_spec(cpu={}, monitoring=monitoring)) == []
+
+
+def test_scrape_timeout_above_the_interval_is_a_semantic_problem() -> None:
+    monitoring = {"scrapeInterval": "5s", "scrapeTimeout": "6s", "alerts": {"rateWindow": "1m"}}
+    problems = semantic_problems(make_spec(cpu={}, monitoring=monitoring))
+    assert any("scrapeTimeout (6s)" in p and "scrapeInterval (5s)" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("monitoring", "timeout"),
+    [
+        ({}, "10s"),
+        ({"scrapeInterval": "5s", "alerts": {"rateWindow": "1m"}}, "5s"),
+        ({"scrapeInterval": "1m"}, "10s"),
+        ({"scrapeInterval": "1m", "scrapeTimeout": "30s"}, "30s"),
+    ],
+)
+def test_unset_scrape_timeout_is_10s_capped_at_the_interval(
+    monitoring: dict[str, object], timeout: str
+) -> None:
+    spec = make_spec(cpu={}, monitoring=monitoring)
+    assert semantic_problems(spec) == []
+    assert effective_scrape_timeout(spec.monitoring) == timeout
 
 
 def test_canary_defaults_are_the_servers() -> None:

@@ -23,7 +23,7 @@ from rembg_operator.custom_metrics import (
     latency_p95_by_pod_rule,
     pending_by_pod_rule,
 )
-from rembg_operator.models import RembgServiceSpec
+from rembg_operator.models import RembgServiceSpec, effective_scrape_timeout
 
 # Fixed 5m recordings, kept for dashboards and queries outside the operator; the alerts compute
 # their own over alerts.rateWindow.
@@ -74,7 +74,7 @@ def build_service_monitor(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
                     "port": HTTP_PORT_NAME,
                     "path": "/metrics",
                     "interval": monitoring.scrape_interval,
-                    "scrapeTimeout": monitoring.scrape_timeout,
+                    "scrapeTimeout": effective_scrape_timeout(monitoring),
                     "relabelings": relabelings,
                 }
             ],
