@@ -17,9 +17,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from rembg_server import __version__
 from rembg_server.api import router
+from rembg_server.canary import REASONS, Canary
 from rembg_server.jobs.manager import JobManager
 from rembg_server.jobs.routes import router as jobs_router
-from rembg_server.metrics import JobMetrics, ServerMetrics
+from rembg_server.metrics import CanaryMetrics, JobMetrics, ServerMetrics
 from rembg_server.service import RemovalService, RequestRejectedError
 from rembg_server.settings import Settings
 
@@ -40,6 +41,11 @@ def create_app(
         app.state.service = service
         jobs = JobManager(service, JobMetrics(metrics.registry)) if settings.jobs_enabled else None
         app.state.jobs = jobs
+        canary = None
+        if settings.canary_interval_seconds > 0:
+            canary = Canary(service, CanaryMetrics(metrics.registry, REASONS))
+            canary.start()  # before prepare(): its first run follows the warmup
+        app.state.canary = canary
         preparing = asyncio.create_task(service.prepare()) if autostart else None
         app.state.preparing = preparing
         if jobs is not None:
@@ -49,6 +55,8 @@ def create_app(
         finally:
             if jobs is not None:
                 await jobs.close()
+            if canary is not None:
+                await canary.close()
             if preparing is not None and not preparing.done():
                 preparing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

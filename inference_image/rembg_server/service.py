@@ -99,8 +99,8 @@ class ServedModel:
     queue: asyncio.Queue[Job]
     workers: list[BatchWorker]
 
-    def submit(self, payload: Any) -> Job:
-        job = Job(payload, asyncio.get_running_loop().create_future())
+    def submit(self, payload: Any, *, observed: bool = True) -> Job:
+        job = Job(payload, asyncio.get_running_loop().create_future(), observed=observed)
         self.queue.put_nowait(job)
         return job
 
@@ -130,7 +130,10 @@ class RemovalService:
             initargs=(settings.cpu_workers_nice,),
         )
         self._prepared = False
+        self._prepared_event = asyncio.Event()
         self._warming: str | None = None
+        # Failing health checks that withhold readiness (the canary's), by check name.
+        self._health_problems: dict[str, str] = {}
         self._draining = False
         self.drain_started_at: float | None = None  # time.monotonic() of begin_drain
         # Replaced on every release: whoever waits on the current one wakes at the next free
@@ -164,6 +167,7 @@ class RemovalService:
         for name in list(self.models):
             await self._warm_up(name)
         self._prepared = True
+        self._prepared_event.set()
         self._publish_readiness()
         ready, reasons = self.readiness()
         log.info("prepared", extra={"fields": {"ready": ready, "reasons": reasons}})
@@ -248,6 +252,18 @@ class RemovalService:
                 )
         return images
 
+    async def wait_prepared(self) -> None:
+        """Returns once prepare() has finished (whether every model loaded or not)."""
+        await self._prepared_event.wait()
+
+    def set_health(self, check: str, problem: str | None) -> None:
+        """A health check (canary.py) withholds readiness with `problem`, or stops (None)."""
+        if problem is None:
+            self._health_problems.pop(check, None)
+        else:
+            self._health_problems[check] = problem
+        self._publish_readiness()
+
     def begin_drain(self) -> None:
         if self.drain_started_at is None:
             self.drain_started_at = time.monotonic()
@@ -267,6 +283,7 @@ class RemovalService:
             reasons.append(f"warming up {self._warming}")
         elif not self._prepared and not reasons:
             reasons.append("loading models")
+        reasons.extend(self._health_problems.values())
         if self._draining:
             reasons.append("draining: shutting down")
         return not reasons and self._prepared, reasons
@@ -334,6 +351,21 @@ class RemovalService:
         if key:
             self.cache.put(key, result.body)
         return result
+
+    async def probe_removal(self, name: str, data: bytes) -> bytes:
+        """One internal check of the serving path (canary.py): probe, decode, the model's own
+        queue and sessions, compose and PNG encode, as a request gets them; but no admission
+        ticket (never a 429 for anyone), no readiness gate, no request metrics, and its model
+        call is kept out of the batch metrics. The caller bounds it in time."""
+        self.probe_image(data)
+        image = await self._cpu_call(lambda: self._decode(data))
+        cutout = await self._process_image(
+            name, image, Composition(), Timings(), deadline=None, observed=False
+        )
+        settings = self.settings
+        return await self._cpu_call(
+            lambda: encode(cutout, "png", settings.png_compress_level, settings.webp_quality)
+        )
 
     def _unknown_model_message(self, name: str) -> str:
         return f"model {name!r} is not served here; served: {list(self.settings.models)}"
@@ -433,29 +465,43 @@ class RemovalService:
         composition: Composition,
         timings: Timings,
         deadline: float | None,
+        *,
+        observed: bool = True,
     ) -> Image.Image:
-        mask = await self._mask(name, image, timings, deadline)
+        mask = await self._mask(name, image, timings, deadline, observed=observed)
         started = time.monotonic()
         result = await self._cpu_call(lambda: compose(image, mask, composition))
         timings.encode += time.monotonic() - started
         return result
 
     async def _mask(
-        self, name: str, image: Image.Image, timings: Timings, deadline: float | None
+        self,
+        name: str,
+        image: Image.Image,
+        timings: Timings,
+        deadline: float | None,
+        *,
+        observed: bool = True,
     ) -> Image.Image:
         model = self.models[name].model
         if not model.takes_tensors:
-            prediction = await self._infer(name, image, timings, deadline)
+            prediction = await self._infer(name, image, timings, deadline, observed=observed)
             mask: Image.Image = prediction
             return mask
         tensor = await self._timed(timings, "decode", lambda: model.preprocess(image))
-        prediction = await self._infer(name, tensor, timings, deadline)
+        prediction = await self._infer(name, tensor, timings, deadline, observed=observed)
         return await self._cpu_call(lambda: model.postprocess(prediction, image.size))
 
     async def _infer(
-        self, name: str, payload: Any, timings: Timings, deadline: float | None
+        self,
+        name: str,
+        payload: Any,
+        timings: Timings,
+        deadline: float | None,
+        *,
+        observed: bool = True,
     ) -> Any:
-        job = self.models[name].submit(payload)
+        job = self.models[name].submit(payload, observed=observed)
         try:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             result = await asyncio.wait_for(asyncio.shield(job.future), timeout)

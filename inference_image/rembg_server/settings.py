@@ -93,6 +93,24 @@ class Settings(BaseSettings):
     liveness_stall_seconds: float = Field(default=120.0, gt=0)
     drain_delay_seconds: float = Field(default=0.0, ge=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    canary_interval_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="seconds between inference canary runs (canary.py); 0 = no canary",
+    )
+    canary_min_iou: float = Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="least IoU of the canary's mask against the known one (u2netp reaches "
+        "0.998, a broken model <= 0.48)",
+    )
+    canary_timeout_seconds: float = Field(default=30.0, gt=0)
+    canary_unready_after_failures: int = Field(
+        default=0,
+        ge=0,
+        description="consecutive canary failures that turn /readyz to 503; 0 = never",
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
