@@ -28,6 +28,7 @@ class Job:
     future: asyncio.Future[Any]
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
+    observed: bool = True  # False for the canary's probes: kept out of the batch metrics
 
     @property
     def abandoned(self) -> bool:
@@ -138,7 +139,9 @@ class BatchWorker:
         finally:
             self._heartbeat.leave()
         elapsed = time.monotonic() - started
-        self._observe(len(batch), elapsed, [started - job.enqueued_at for job in batch])
+        waits = [started - job.enqueued_at for job in batch if job.observed]
+        if waits:
+            self._observe(len(batch), elapsed, waits)
         for job, prediction in zip(batch, predictions, strict=True):
             if not job.future.done():
                 job.future.set_result(prediction)

@@ -94,6 +94,50 @@ class ServerMetrics:
             metric.labels(model, device)
 
 
+class CanaryMetrics:
+    """The inference canary's series (canary.py), by model; registered when it is enabled."""
+
+    def __init__(self, registry: CollectorRegistry, reasons: tuple[str, ...]) -> None:
+        self.reasons = reasons
+        self.success = Gauge(
+            "rembg_canary_success",
+            "1 when the last canary run of the model passed, 0 when it failed.",
+            ["model"],
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "rembg_canary_last_success_timestamp_seconds",
+            "Unix time of the model's last passing canary run.",
+            ["model"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "rembg_canary_duration_seconds",
+            "Time of one canary run: decode, inference, compose, encode and the check.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.failures = Counter(
+            "rembg_canary_failures",
+            "Failed canary runs, by reason: iou, decode, no_alpha, timeout, error.",
+            ["model", "reason"],
+            registry=registry,
+        )
+        self.iou = Gauge(
+            "rembg_canary_iou",
+            "IoU of the last canary mask against the known mask (0 when none was produced).",
+            ["model"],
+            registry=registry,
+        )
+
+    def declare(self, model: str) -> None:
+        """Failure counters at zero from the start, so increase() sees the first failure."""
+        self.duration.labels(model)
+        for reason in self.reasons:
+            self.failures.labels(model, reason)
+
+
 # Jobs wait in a queue for seconds to hours: these buckets reach a day.
 JOB_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0)
 

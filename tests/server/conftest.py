@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from skimage import data
 from tests.server.processes import RedisServer
 
 MODEL_DIR = Path(os.environ.get("U2NET_HOME", "~/.u2net")).expanduser()
+BROKEN_MODEL_SCRIPT = Path(__file__).parents[2] / "e2e" / "images" / "broken_model.py"
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "astronaut": data.astronaut,
     "coffee": data.coffee,
@@ -43,6 +47,26 @@ def model_dir() -> Path:
     return MODEL_DIR
 
 
+@dataclass(frozen=True)
+class BrokenModel:
+    """e2e/images/broken_model.py's u2netp.onnx, written by its CLI, and the digest it printed."""
+
+    model_dir: Path
+    digest: str
+
+
+@pytest.fixture
+def broken_model(tmp_path: Path) -> BrokenModel:
+    directory = tmp_path / "broken-model"
+    result = subprocess.run(
+        [sys.executable, str(BROKEN_MODEL_SCRIPT), str(directory)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return BrokenModel(directory, result.stdout.strip())
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     """Real photos from scikit-image's wheel, as JPEG bytes."""
@@ -50,7 +74,14 @@ def photos() -> dict[str, bytes]:
 
 
 def make_settings(model_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"model_dir": model_dir, "warmup_runs": 1, "log_format": "text"}
+    """Test settings; the canary is off unless a test turns it on (its background runs would
+    race the tests that gate the model or count its calls)."""
+    values: dict[str, Any] = {
+        "model_dir": model_dir,
+        "warmup_runs": 1,
+        "log_format": "text",
+        "canary_interval_seconds": 0,
+    }
     values.update(overrides)
     return Settings(**values)
 

@@ -98,15 +98,22 @@ def start_server(
 
 
 def wait_until_ready(server: ServerProcess) -> None:
-    def ready() -> bool:
-        if server.process.poll() is not None:
-            pytest.fail(f"server exited early:\n{server.log.read_text()}")
-        try:
-            return httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
+    wait_for(lambda: _readyz(server) == 200, what="readiness")
 
-    wait_for(ready, what="readiness")
+
+def wait_until_listening(server: ServerProcess) -> None:
+    """Until it answers at all (for a server that is meant to stay unready)."""
+    wait_for(lambda: _readyz(server) is not None, what="the server listening")
+
+
+def _readyz(server: ServerProcess) -> int | None:
+    if server.process.poll() is not None:
+        pytest.fail(f"server exited early:\n{server.log.read_text()}")
+    try:
+        status: int = httpx.get(f"{server.url}/readyz", timeout=2).status_code
+    except httpx.TransportError:
+        return None
+    return status
 
 
 @dataclass
