@@ -112,7 +112,9 @@ async def run_removal(
     )
     removal = service.request_for(data, params)
     deadline = time.monotonic() + service.settings.request_timeout_seconds
-    result = await service.remove(removal, deadline, lambda: wait_for_disconnect(request))
+    result = await service.remove(
+        removal, deadline, lambda: wait_for_disconnect(request), inject_faults=True
+    )
     return image_response(request, result)
 
 

@@ -24,6 +24,7 @@ from rembg_server.metrics import CanaryMetrics, JobMetrics, ServerMetrics
 from rembg_server.service import RemovalService, RequestRejectedError
 from rembg_server.settings import Settings
 
+log = logging.getLogger("rembg_server")
 access_log = logging.getLogger("rembg_server.access")
 REMOVAL_PATHS = frozenset({"/v1/remove", "/api/remove"})
 QUIET_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
@@ -39,6 +40,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = RemovalService(settings, metrics)
         app.state.service = service
+        if service.faults.enabled:
+            log.warning(
+                "TEST-ONLY fault injection is on: REMBG_FAULT_ERROR_RATIO of the removal "
+                "requests are answered 500 on purpose; never set it in production",
+                extra={"fields": {"ratio": settings.fault_error_ratio}},
+            )
         jobs = JobManager(service, JobMetrics(metrics.registry)) if settings.jobs_enabled else None
         app.state.jobs = jobs
         canary = None

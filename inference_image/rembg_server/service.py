@@ -33,6 +33,7 @@ from rembg_server.engine import (
     load_model,
     synthetic_warmup_image,
 )
+from rembg_server.faults import FAULT_MESSAGE, FAULT_STATUS, FaultSchedule
 from rembg_server.imaging import (
     MEDIA_TYPES,
     Composition,
@@ -119,6 +120,7 @@ class RemovalService:
             settings.resolved_queue_max_requests(), settings.queue_max_megapixels
         )
         self.cache = ResultCache(settings.cache_max_bytes)
+        self.faults = FaultSchedule(settings.fault_error_ratio)
         # Decode/resize/encode threads yield to inference: a parallel onnxruntime section
         # stalls as a whole when one of its threads is preempted, so these run niced and
         # fill the gaps inference leaves (measured: +18-32% throughput at 4-16 clients,
@@ -323,8 +325,14 @@ class RemovalService:
         request: RemovalRequest,
         deadline: float,
         disconnected: Callable[[], Awaitable[Any]] | None = None,
+        *,
+        inject_faults: bool = False,
     ) -> RemovalResult:
-        """Admission, then decode -> infer -> compose -> encode. Raises RequestRejectedError."""
+        """Admission, then decode -> infer -> compose -> encode. Raises RequestRejectedError.
+
+        With `inject_faults` (the HTTP endpoints), REMBG_FAULT_ERROR_RATIO of the admitted
+        requests get a 500 instead (test only; see faults.py).
+        """
         if request.model not in self.settings.models:
             raise RequestRejectedError(400, self._unknown_model_message(request.model))
         ready, reasons = self.readiness()
@@ -343,6 +351,8 @@ class RemovalService:
         ticket = self._admit(request.model, header)
         started = time.monotonic()
         try:
+            if inject_faults and self.faults.fires():
+                raise RequestRejectedError(FAULT_STATUS, FAULT_MESSAGE)
             result = await self._run_with_disconnect(
                 self._pipeline(request, header, deadline), disconnected
             )

@@ -111,6 +111,13 @@ class Settings(BaseSettings):
         ge=0,
         description="consecutive canary failures that turn /readyz to 503; 0 = never",
     )
+    fault_error_ratio: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="TEST ONLY: this fraction of removal requests is answered 500 after "
+        "admission (alert tests); 0 in production",
+    )
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
