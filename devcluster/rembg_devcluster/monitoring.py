@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import shutil
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -339,6 +343,67 @@ class AlertmanagerAPI:
 
     def ready(self) -> bool:
         return httpx.get(f"{self.url}/-/ready", timeout=5).status_code == 200
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One alert of one webhook notification, as Alertmanager delivered it."""
+
+    at: float  # time.monotonic() on arrival
+    receiver: str
+    status: str  # firing | resolved
+    labels: dict[str, str]
+
+
+class WebhookSink:
+    """An HTTP server on 127.0.0.1 recording every alert Alertmanager's webhooks deliver;
+    point each receiver at f"{sink.url}/{receiver name}"."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._deliveries: list[Delivery] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                now = time.monotonic()
+                with sink._lock:
+                    sink._deliveries += [
+                        Delivery(now, body["receiver"], alert["status"], alert["labels"])
+                        for alert in body["alerts"]
+                    ]
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                """Quiet: the deliveries are the record."""
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def deliveries(self) -> list[Delivery]:
+        with self._lock:
+            return list(self._deliveries)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def route_to_sink(
+    config: Mapping[str, Any], sink_url: str, group_wait: str = "1s", group_interval: str = "1s"
+) -> dict[str, Any]:
+    """An Alertmanager config whose webhook receivers all deliver to a WebhookSink, with short
+    grouping timings; routes, receivers' names and inhibitions stay as they were."""
+    routed: dict[str, Any] = copy.deepcopy(dict(config))
+    for receiver in routed["receivers"]:
+        for webhook in receiver.get("webhook_configs", []):
+            webhook["url"] = f"{sink_url}/{receiver['name']}"
+    routed["route"].update(group_wait=group_wait, group_interval=group_interval)
+    return routed
 
 
 # ---- the running stack ---------------------------------------------------------------------------
