@@ -7,12 +7,18 @@ the images `make images` built. A host that cannot run one fails the test with o
 
 from __future__ import annotations
 
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rembg_devcluster import ClusterConfig, DevCluster
+import httpx
+from rembg_devcluster import ClusterConfig, DevCluster, real_node
 from rembg_devcluster.images import load_image_index
-from rembg_devcluster.node_config import NODE_NAME
+from rembg_devcluster.node_config import NODE_NAME, NodePaths
 
 from e2e.operator_support import eventually, get
 
@@ -107,3 +113,88 @@ def describe_pods(cluster: DevCluster, namespace: str) -> str:
         "get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False
     ).stdout
     return f"{pods_text}\n{events[-3000:]}"
+
+
+@dataclass
+class LoadClient:
+    """Closed-loop clients posting real images to a URL until stopped, one connection each time
+    (a rollout must not depend on which pod a kept-alive connection is pinned to)."""
+
+    url: str
+    image: bytes
+    clients: int = 2
+    # Each client's pause between requests: 0 is as fast as the server answers.
+    pause_seconds: float = 0.0
+    content_type: str = "image/jpeg"
+    outcomes: Counter[str] = field(default_factory=Counter)
+    # time.monotonic() of the first and the latest answer of each outcome.
+    first_seen: dict[str, float] = field(default_factory=dict)
+    last_seen: dict[str, float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> None:
+        for _ in range(self.clients):
+            thread = threading.Thread(target=self._run, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> Counter[str]:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
+        return self.outcomes
+
+    def _run(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(timeout=120, limits=limits) as client:
+            while not self._stop.is_set():
+                try:
+                    response = client.post(
+                        self.url, content=self.image, headers={"Content-Type": self.content_type}
+                    )
+                    outcome = str(response.status_code)
+                except httpx.HTTPError as error:
+                    outcome = type(error).__name__
+                now = time.monotonic()
+                with self._lock:
+                    self.outcomes[outcome] += 1
+                    self.first_seen.setdefault(outcome, now)
+                    self.last_seen[outcome] = now
+                self._stop.wait(self.pause_seconds)
+
+
+CHART = Path(__file__).resolve().parents[1] / "charts" / "rembg-operator"
+
+
+def helm(cluster: DevCluster, namespace: str, *args: str) -> str:
+    result = subprocess.run(
+        ["helm", *args], capture_output=True, text=True, timeout=300, env=cluster.env, check=False
+    )
+    if result.returncode != 0:
+        logs = cluster.kubectl(
+            "logs",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/name=rembg-operator",
+            "--tail=30",
+            check=False,
+        )
+        raise AssertionError(
+            f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}\n"
+            f"{describe_pods(cluster, namespace)}\n{logs.stdout}{logs.stderr}"
+        )
+    return result.stdout
+
+
+def container_host_pid(cluster: DevCluster, container_id: str) -> int:
+    """The host PID of a container's init process, from the node's containerd."""
+    assert cluster.state.node is not None
+    paths = NodePaths(cluster.state.node.root)
+    for line in real_node.ctr(paths, "tasks", "ls").splitlines()[1:]:
+        task, pid, *_ = line.split()
+        if task == container_id:
+            return int(pid)
+    raise AssertionError(f"no containerd task {container_id}")

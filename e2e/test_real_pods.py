@@ -11,14 +11,11 @@ from __future__ import annotations
 import io
 import os
 import signal
-import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,9 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from rembg import new_session, remove
-from rembg_devcluster import DevCluster, real_node
+from rembg_devcluster import DevCluster
 from rembg_devcluster.metrics_stack import MetricsStack
-from rembg_devcluster.node_config import NodePaths
 from rembg_operator.custom_metrics import build_adapter_config
 from skimage import data
 
@@ -44,9 +40,13 @@ from e2e.operator_support import (
     wait_ready,
 )
 from e2e.real_node_support import (
+    CHART,
+    LoadClient,
     cluster_ip,
+    container_host_pid,
     create_restricted_namespace,
     describe_pods,
+    helm,
     on_real_node,
     pods,
     ready_pods,
@@ -160,46 +160,6 @@ def test_minimal_example_runs_real_pods_and_cuts_out_through_the_service(fleet: 
     assert _alpha_diff(ours.getchannel("A"), theirs.getchannel("A")) <= TOLERANCE
     assert _alpha_diff(ours, theirs) <= TOLERANCE
     cluster.kubectl("delete", "rembgservice", "demo", "-n", namespace, "--wait=false")
-
-
-@dataclass
-class LoadClient:
-    """Closed-loop clients posting real images to a URL until stopped, one connection each time
-    (a rollout must not depend on which pod a kept-alive connection is pinned to)."""
-
-    url: str
-    image: bytes
-    clients: int = 2
-    outcomes: Counter[str] = field(default_factory=Counter)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _threads: list[threading.Thread] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def start(self) -> None:
-        for _ in range(self.clients):
-            thread = threading.Thread(target=self._run, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self) -> Counter[str]:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=180)
-        return self.outcomes
-
-    def _run(self) -> None:
-        limits = httpx.Limits(max_keepalive_connections=0)
-        with httpx.Client(timeout=120, limits=limits) as client:
-            while not self._stop.is_set():
-                try:
-                    response = client.post(
-                        self.url, content=self.image, headers={"Content-Type": "image/jpeg"}
-                    )
-                    outcome = str(response.status_code)
-                except httpx.HTTPError as error:
-                    outcome = type(error).__name__
-                with self._lock:
-                    self.outcomes[outcome] += 1
 
 
 def _rolled_out(cluster: DevCluster, namespace: str, deployment: str, generation: int) -> bool:
@@ -359,38 +319,14 @@ def test_pods_that_cannot_run_are_reported_with_their_reason(fleet: Fleet) -> No
             cluster.kubectl("delete", "rembgservice", name, "-n", namespace, "--wait=false")
 
 
-CHART = Path(__file__).resolve().parents[1] / "charts" / "rembg-operator"
-
-
-def _helm(cluster: DevCluster, namespace: str, *args: str) -> str:
-    result = subprocess.run(
-        ["helm", *args], capture_output=True, text=True, timeout=300, env=cluster.env, check=False
-    )
-    if result.returncode != 0:
-        logs = cluster.kubectl(
-            "logs",
-            "-n",
-            namespace,
-            "-l",
-            "app.kubernetes.io/name=rembg-operator",
-            "--tail=30",
-            check=False,
-        )
-        raise AssertionError(
-            f"helm {' '.join(args)}:\n{result.stdout}{result.stderr}\n"
-            f"{describe_pods(cluster, namespace)}\n{logs.stdout}{logs.stderr}"
-        )
-    return result.stdout
-
-
-def test_the_operator_runs_as_a_pod_from_its_image_installed_by_helm(fleet: Fleet) -> None:
+def test_the_operator_runs_as_a_pod_from_its_image_installed_byhelm(fleet: Fleet) -> None:
     """`helm install` of our chart: the operator pod (our image, restricted, read-only root)
     talks to the API server with the ServiceAccount token the kubelet mounts, through the
     `kubernetes` Service, and brings a RembgService in the namespace it watches to Ready."""
     cluster = fleet.cluster
     system = create_restricted_namespace(cluster, "rembg-system")
     watched = create_restricted_namespace(cluster, "helm-fleet")
-    _helm(
+    helm(
         cluster,
         system,
         "install",
@@ -434,17 +370,6 @@ def test_the_operator_runs_as_a_pod_from_its_image_installed_by_helm(fleet: Flee
     cluster.kubectl("delete", "rembgservice", "demo", "-n", watched, "--wait=false")
 
 
-def _host_pid(cluster: DevCluster, container_id: str) -> int:
-    """The host PID of a container's init process, from the node's containerd."""
-    assert cluster.state.node is not None
-    paths = NodePaths(cluster.state.node.root)
-    for line in real_node.ctr(paths, "tasks", "ls").splitlines()[1:]:
-        task, pid, *_ = line.split()
-        if task == container_id:
-            return int(pid)
-    raise AssertionError(f"no containerd task {container_id}")
-
-
 def test_a_wedged_server_is_restarted_by_its_liveness_probe(fleet: Fleet) -> None:
     """SIGSTOP from the host freezes the server (a signal to a container's PID 1 from inside is
     ignored): /livez stops answering, the kubelet kills and restarts the container, and the
@@ -463,7 +388,7 @@ def test_a_wedged_server_is_restarted_by_its_liveness_probe(fleet: Fleet) -> Non
     (pod,) = ready_pods(cluster, namespace, _selector("wedge"))
     status = pod["status"]["containerStatuses"][0]
     container_id = status["containerID"].removeprefix("containerd://")
-    os.kill(_host_pid(cluster, container_id), signal.SIGSTOP)
+    os.kill(container_host_pid(cluster, container_id), signal.SIGSTOP)
     stopped = time.monotonic()
 
     def restarted() -> dict[str, Any] | None:

@@ -1,0 +1,514 @@
+"""Monitoring for real: the Prometheus Operator runs our ServiceMonitor and rules, alerts fire
+from real faults and reach Alertmanager, and the inference canary catches a wrong model.
+
+One cluster for the module: a real node running the Prometheus Operator, Prometheus (with its
+config reloader) and kube-state-metrics as pods from their upstream manifests; Alertmanager
+beside it, loaded with examples/monitoring/alertmanager.yaml (only its receivers' URLs and its
+grouping timings changed) and delivering to a local webhook sink; our operator installed by
+Helm, watching namespace `fleet`. Every RembgService here carries the label Prometheus selects
+by and short thresholds, set through its spec. Each test injects a fault, waits for the alert in
+Prometheus and at its receiver, ends the fault and waits for the resolution, and prints the
+times. Bounds: an alert fires within its `for` plus a scrape and an evaluation interval, plus
+what the fault itself takes to show (a rate window to fill, a restart) and a small allowance for
+Alertmanager's group wait and this test's polling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import yaml
+from PIL import Image
+from rembg_devcluster import DevCluster
+from rembg_devcluster.images import (
+    BROKEN_MODEL_IMAGE,
+    MONITORING_IMAGES,
+    NODE_IMAGES,
+)
+from rembg_devcluster.monitoring import (
+    NAMESPACE as MONITORING_NAMESPACE,
+)
+from rembg_devcluster.monitoring import (
+    SELECTOR_LABELS,
+    MonitoringStack,
+    WebhookSink,
+    route_to_sink,
+)
+from rembg_devcluster.node_config import NODE_NAME
+from skimage import data
+
+from e2e.images.broken_model import build_model
+from e2e.monitoring_support import AlertWatch, report
+from e2e.operator_support import (
+    EXAMPLES,
+    eventually,
+    get,
+    install_crd,
+    kubectl_apply,
+    rembg_service,
+    wait_ready,
+)
+from e2e.real_node_support import (
+    CHART,
+    LoadClient,
+    cluster_ip,
+    container_host_pid,
+    create_restricted_namespace,
+    describe_pods,
+    helm,
+    image_ref,
+    pods,
+    start_real_node_cluster,
+)
+
+FLEET = "fleet"
+SYSTEM = "rembg-system"
+SCRAPE_SECONDS = 5
+EVALUATION_SECONDS = 5
+FOR_SECONDS = 15
+RATE_WINDOW_SECONDS = 30
+GROUP_WAIT_SECONDS = 2
+GROUP_INTERVAL_SECONDS = 5
+# This test's polling (1 s), the API server -> kube-state-metrics -> scrape path, and
+# Alertmanager's dispatch.
+ALLOWANCE_SECONDS = 15
+READY_TIMEOUT = 300.0
+FIRE_BOUND = FOR_SECONDS + SCRAPE_SECONDS + EVALUATION_SECONDS + GROUP_WAIT_SECONDS
+RESOLVE_BOUND = SCRAPE_SECONDS + EVALUATION_SECONDS + GROUP_INTERVAL_SECONDS
+TIMEOUT = 240.0
+
+ALERT_THRESHOLDS = {
+    "rateWindow": f"{RATE_WINDOW_SECONDS}s",
+    "errorRatio": 0.2,
+    "errorRatioFor": f"{FOR_SECONDS}s",
+    "latencyP95Seconds": 1.5,
+    "latencyFor": f"{FOR_SECONDS}s",
+    "queueSaturationRatio": 0.5,
+    "queueSaturationFor": f"{FOR_SECONDS}s",
+    "noReadyReplicasFor": f"{FOR_SECONDS}s",
+    "gpuFallbackFor": f"{FOR_SECONDS}s",
+    "canaryFailingFor": f"{FOR_SECONDS}s",
+}
+MONITORING = {
+    "labels": dict(SELECTOR_LABELS),
+    "scrapeInterval": f"{SCRAPE_SECONDS}s",
+    "alerts": ALERT_THRESHOLDS,
+}
+SMALL = {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
+
+
+@dataclass
+class Monitored:
+    cluster: DevCluster
+    stack: MonitoringStack
+    sink: WebhookSink
+    watch: AlertWatch
+    light: LoadClient  # steady traffic to `demo` for the whole module
+
+
+def _photo(size: tuple[int, int]) -> bytes:
+    """A real photograph from scikit-image's wheel (no download), as JPEG bytes."""
+    image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _service(name: str, **spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "models": ["u2netp"],
+        "autoscaling": {"enabled": False},
+        "cpu": {"replicas": 1, "resources": SMALL},
+        "server": {"drainSeconds": 1, "canary": {"intervalSeconds": 10}},
+        "monitoring": MONITORING,
+    }
+    base.update(spec)
+    return rembg_service(name, base)
+
+
+def _url(cluster: DevCluster, service: str) -> str:
+    return f"http://{cluster_ip(cluster, FLEET, service)}/v1/remove"
+
+
+def _rollout(cluster: DevCluster, deployment: str) -> None:
+    cluster.kubectl(
+        "rollout",
+        "status",
+        f"deployment/{deployment}",
+        "-n",
+        FLEET,
+        "--timeout=240s",
+        timeout=270,
+    )
+
+
+def _alertmanager_config(sink: WebhookSink) -> dict[str, Any]:
+    example = yaml.safe_load((EXAMPLES / "monitoring" / "alertmanager.yaml").read_text())
+    return route_to_sink(example, sink.url, f"{GROUP_WAIT_SECONDS}s", f"{GROUP_INTERVAL_SECONDS}s")
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
+    workdir = tmp_path_factory.mktemp("monitoring")
+    cluster = start_real_node_cluster(
+        workdir / "cluster", node_images=(*NODE_IMAGES, *MONITORING_IMAGES, BROKEN_MODEL_IMAGE)
+    )
+    sink = WebhookSink()
+    stack: MonitoringStack | None = None
+    light: LoadClient | None = None
+    try:
+        started = time.monotonic()
+        stack = MonitoringStack.start(cluster, workdir / "stack", _alertmanager_config(sink))
+        print(f"\nmonitoring stack up in {time.monotonic() - started:.0f}s: {stack.prometheus.url}")
+        install_crd(cluster)
+        create_restricted_namespace(cluster, SYSTEM)
+        create_restricted_namespace(cluster, FLEET)
+        helm(
+            cluster,
+            SYSTEM,
+            "install",
+            "rembg-operator",
+            str(CHART),
+            "--namespace",
+            SYSTEM,
+            "--set",
+            f"watch.namespaces[0]={FLEET}",
+            "--set",
+            "crds.enabled=false",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            f"serviceMonitor.labels.release={SELECTOR_LABELS['release']}",
+            "--set",
+            f"serviceMonitor.interval={SCRAPE_SECONDS}s",
+            "--set",
+            f"serviceMonitor.scrapeTimeout={SCRAPE_SECONDS}s",
+            "--set",
+            "dashboards.enabled=true",
+            "--wait",
+            "--timeout=240s",
+        )
+        kubectl_apply(cluster, FLEET, _service("demo"))
+        wait_ready(cluster, FLEET, "demo", timeout=READY_TIMEOUT)
+        light = LoadClient(_url(cluster, "demo"), _photo((320, 240)), clients=1, pause_seconds=0.5)
+        light.start()
+        yield Monitored(cluster, stack, sink, AlertWatch(stack, sink), light)
+    finally:
+        if light is not None:
+            print(f"\nsteady load on demo: {dict(light.stop())}")
+        if stack is not None:
+            stack.stop()
+        sink.close()
+        cluster.stop()
+    assert cluster.state.teardown_problems == []
+
+
+def test_prometheus_scrapes_the_fleet_through_our_service_monitor(monitored: Monitored) -> None:
+    """The operator's ServiceMonitor (not a hand-written scrape config) makes the Prometheus
+    Operator's Prometheus scrape the pods, with the labels our rules select by; our
+    PrometheusRule is loaded; kube-state-metrics and the operator pod are scraped too."""
+    prometheus = monitored.stack.prometheus
+    demo = eventually(
+        lambda: [
+            t
+            for t in prometheus.active_targets()
+            if t["labels"].get("rembg_service") == "demo" and t["health"] == "up"
+        ],
+        what="an up target for demo's pod",
+        timeout=120,
+    )
+    (target,) = demo
+    assert target["scrapePool"].startswith(f"serviceMonitor/{FLEET}/demo/"), target
+    assert target["labels"]["namespace"] == FLEET
+    assert target["labels"]["pool"] == "cpu"
+    groups = {g["name"] for g in prometheus.rule_groups()}
+    assert {f"rembg.{FLEET}.demo.alerts", f"rembg.{FLEET}.demo.recording"} <= groups, groups
+    up = {t["scrapePool"] for t in prometheus.active_targets() if t["health"] == "up"}
+    for monitor in (f"{MONITORING_NAMESPACE}/kube-state-metrics", SYSTEM):
+        assert any(p.startswith(f"serviceMonitor/{monitor}") for p in up), (monitor, up)
+    alertmanagers = prometheus.alertmanagers()
+    assert alertmanagers == [f"{monitored.stack.alertmanager.url}/api/v2/alerts"], alertmanagers
+
+
+def test_high_error_ratio_fires_and_resolves(monitored: Monitored) -> None:
+    """Half of demo's requests fail server-side (the test-only REMBG_FAULT_ERROR_RATIO: nothing
+    real makes our server answer 5xx on demand): RembgHighErrorRate pages, then resolves once
+    the fault is rolled back and the rate window has only good answers."""
+    cluster, watch, light = monitored.cluster, monitored.watch, monitored.light
+    faulty = _service("demo")
+    faulty["spec"]["server"]["extraEnv"] = [{"name": "REMBG_FAULT_ERROR_RATIO", "value": "0.5"}]
+    kubectl_apply(cluster, FLEET, faulty)
+    _rollout(cluster, "demo-cpu")
+    started = eventually(
+        lambda: light.last_seen.get("500"), what="the first injected 500", timeout=60
+    )
+    labels = {"namespace": FLEET, "rembg_service": "demo", "pool": "cpu"}
+    fired = watch.fired("RembgHighErrorRate", labels, started, TIMEOUT)
+    kubectl_apply(cluster, FLEET, _service("demo"))
+    _rollout(cluster, "demo-cpu")
+    ended = time.monotonic()
+    resolved = watch.resolved("RembgHighErrorRate", labels, ended, TIMEOUT)
+    print("\n" + report("RembgHighErrorRate", fired, resolved))
+    assert fired.receiver == "rembg-page"
+    assert fired.in_prometheus <= FIRE_BOUND + RATE_WINDOW_SECONDS / 2 + ALLOWANCE_SECONDS
+    assert resolved.delivered <= RATE_WINDOW_SECONDS + RESOLVE_BOUND + ALLOWANCE_SECONDS
+
+
+def test_overload_fires_high_latency_and_queue_saturation(monitored: Monitored) -> None:
+    """Twelve clients of 1080p photos through the Service against one 1-CPU pod admitting 4:
+    the p95 latency and the queue pass their thresholds (warnings, to the ticket receiver);
+    when the load stops both resolve."""
+    cluster, watch = monitored.cluster, monitored.watch
+    heavy = LoadClient(_url(cluster, "demo"), _photo((1920, 1080)), clients=12)
+    started = time.monotonic()
+    heavy.start()
+    try:
+        pool = {"namespace": FLEET, "rembg_service": "demo", "pool": "cpu"}
+        saturated = watch.fired("RembgQueueSaturated", pool, started, TIMEOUT)
+        slow = watch.fired("RembgHighLatency", pool, started, TIMEOUT)
+        dashboard_empty = _empty_dashboard_queries(monitored)
+    finally:
+        outcomes = heavy.stop()
+    ended = time.monotonic()
+    print(f"\noverload answers: {dict(outcomes)}")
+    saturated_end = watch.resolved("RembgQueueSaturated", pool, ended, TIMEOUT)
+    slow_end = watch.resolved("RembgHighLatency", pool, ended, TIMEOUT)
+    print(report("RembgQueueSaturated", saturated, saturated_end))
+    print(report("RembgHighLatency", slow, slow_end))
+    assert dashboard_empty == [], "dashboard queries without data:\n" + "\n".join(dashboard_empty)
+    assert outcomes["200"] > 0, outcomes
+    assert outcomes["429"] > 0, outcomes  # overloaded, and shedding
+    assert saturated.receiver == slow.receiver == "rembg-ticket"
+    assert saturated.in_prometheus <= FIRE_BOUND + ALLOWANCE_SECONDS
+    # p95 over the rate window passes 1.5 s once enough slow answers are in it.
+    assert slow.in_prometheus <= FIRE_BOUND + RATE_WINDOW_SECONDS + ALLOWANCE_SECONDS
+    assert saturated_end.delivered <= RESOLVE_BOUND + ALLOWANCE_SECONDS
+    assert slow_end.delivered <= RATE_WINDOW_SECONDS + RESOLVE_BOUND + ALLOWANCE_SECONDS
+
+
+# What Grafana substitutes before a query reaches Prometheus.
+GRAFANA_VARIABLES = {
+    "$__rate_interval": "1m",
+    "$__interval": "15s",
+    "$namespace": FLEET,
+    "$service": "demo",
+    "$model": "u2netp",
+}
+
+
+def _empty_dashboard_queries(monitored: Monitored) -> list[str]:
+    """Every panel query of the dashboard the chart installed, run against the live Prometheus
+    while the fleet is loaded: the ones that return no series."""
+    listing = get(monitored.cluster, SYSTEM, "configmaps", "-l", "grafana_dashboard=1")
+    assert listing is not None
+    assert listing["items"], "the chart installed no dashboard ConfigMap"
+    empty = []
+    for item in listing["items"]:
+        for text in item["data"].values():
+            for panel in json.loads(text)["panels"]:
+                for target in panel.get("targets", []):
+                    expr = target["expr"]
+                    for variable, value in GRAFANA_VARIABLES.items():
+                        expr = expr.replace(variable, value)
+                    if not monitored.stack.prometheus.query(expr):
+                        empty.append(f"{panel['title']}: {expr}")
+    return empty
+
+
+def test_crashing_pods_page_once_for_the_service(monitored: Monitored) -> None:
+    """demo's server process is killed whenever it runs (a crash loop, as the kubelet sees it):
+    the pool has no ready replica, so RembgNoReadyReplicas and RembgServiceDown fire in
+    Prometheus; Alertmanager pages for the service and inhibits the per-pool alert. When the
+    kills stop the kubelet brings the pod back and both resolve."""
+    cluster, watch = monitored.cluster, monitored.watch
+    stop = threading.Event()
+    kills: list[float] = []
+
+    def crash_loop() -> None:
+        while not stop.is_set():
+            for pod in pods(cluster, FLEET, "rembg.io/service=demo"):
+                for status in pod.get("status", {}).get("containerStatuses") or []:
+                    if "running" in (status.get("state") or {}) and status.get("containerID"):
+                        container = status["containerID"].removeprefix("containerd://")
+                        try:
+                            os.kill(container_host_pid(cluster, container), signal.SIGKILL)
+                            kills.append(time.monotonic())
+                        except (AssertionError, ProcessLookupError):
+                            pass  # exited between the listing and the kill
+            stop.wait(0.5)
+
+    killer = threading.Thread(target=crash_loop, daemon=True)
+    started = time.monotonic()
+    killer.start()
+    service = {"namespace": FLEET, "rembg_service": "demo"}
+    try:
+        down = watch.fired("RembgServiceDown", service, started, TIMEOUT)
+        pool = watch.fired(
+            "RembgNoReadyReplicas", {**service, "pool": "cpu"}, started, TIMEOUT, delivered=False
+        )
+        inhibited = [
+            a
+            for a in monitored.stack.alertmanager.alerts()
+            if a["labels"].get("alertname") == "RembgNoReadyReplicas"
+            and a["labels"].get("rembg_service") == "demo"
+        ]
+    finally:
+        stop.set()
+        killer.join(timeout=30)
+    wait_ready(cluster, FLEET, "demo", timeout=READY_TIMEOUT)
+    ended = time.monotonic()
+    down_end = watch.resolved("RembgServiceDown", service, ended, TIMEOUT)
+    pool_end_in_prometheus = _gone_from_prometheus(
+        monitored, "RembgNoReadyReplicas", {**service, "pool": "cpu"}, ended
+    )
+    print(f"\n{len(kills)} kills")
+    print(report("RembgServiceDown", down, down_end))
+    print(
+        report("RembgNoReadyReplicas", pool, None)
+        + f"; resolved {pool_end_in_prometheus:.1f}s after the pod was ready again"
+    )
+    assert down.receiver == "rembg-page"
+    assert inhibited, "Alertmanager never received RembgNoReadyReplicas"
+    assert all(a["status"]["inhibitedBy"] for a in inhibited), inhibited
+    assert not watch.ever_delivered("RembgNoReadyReplicas", service), "inhibited, yet delivered"
+    assert pool.labels["deployment"] == "demo-cpu"
+    assert down.in_prometheus <= FIRE_BOUND + ALLOWANCE_SECONDS
+    assert down_end.delivered <= RESOLVE_BOUND + ALLOWANCE_SECONDS
+
+
+def _gone_from_prometheus(
+    monitored: Monitored, name: str, labels: dict[str, str], since: float
+) -> float:
+    def gone() -> float | None:
+        active = [
+            a
+            for a in monitored.stack.prometheus.alerts()
+            if a["labels"].get("alertname") == name
+            and all(a["labels"].get(k) == v for k, v in labels.items())
+        ]
+        return None if active else time.monotonic() - since
+
+    return eventually(gone, what=f"{name} to end", timeout=TIMEOUT, every=1)
+
+
+def test_gpu_pool_serving_on_cpu_warns(monitored: Monitored) -> None:
+    """A GPU pool on a node that advertises a GPU but has no CUDA: the server falls back to the
+    CPU provider (allowed by the spec), and RembgGpuPoolWithoutGpu warns; removing the pool
+    resolves it."""
+    cluster, watch = monitored.cluster, monitored.watch
+    patch = {"status": {"capacity": {"nvidia.com/gpu": "1"}}}
+    cluster.kubectl(
+        "patch", "node", NODE_NAME, "--subresource=status", "--type=merge", "-p", json.dumps(patch)
+    )
+    gpu = {
+        "replicas": 1,
+        "image": image_ref("server"),
+        "resources": SMALL,
+        "gpuNodeSelector": {"rembg.io/node-type": "real"},
+    }
+    manifest = _service("gpu-demo", cpu=None, gpu=gpu, fallback={"allowCpuInGpuPods": True})
+    del manifest["spec"]["cpu"]
+    started = time.monotonic()
+    kubectl_apply(cluster, FLEET, manifest)
+    labels = {"namespace": FLEET, "rembg_service": "gpu-demo", "pool": "gpu"}
+    try:
+        fired = watch.fired("RembgGpuPoolWithoutGpu", labels, started, READY_TIMEOUT)
+        ready_after = time.monotonic() - started
+    except AssertionError:
+        raise AssertionError(describe_pods(cluster, FLEET)) from None
+    cluster.kubectl("delete", "rembgservice", "gpu-demo", "-n", FLEET, "--wait=true")
+    remove = [{"op": "remove", "path": "/status/capacity/nvidia.com~1gpu"}]
+    cluster.kubectl(
+        "patch", "node", NODE_NAME, "--subresource=status", "--type=json", "-p", json.dumps(remove)
+    )
+    eventually(
+        lambda: not pods(cluster, FLEET, "rembg.io/service=gpu-demo"),
+        what="gpu-demo's pods gone",
+        timeout=120,
+    )
+    ended = time.monotonic()
+    resolved = watch.resolved("RembgGpuPoolWithoutGpu", labels, ended, TIMEOUT)
+    print("\n" + report("RembgGpuPoolWithoutGpu", fired, resolved) + " (from the apply)")
+    assert fired.receiver == "rembg-ticket"
+    assert fired.labels["pod"].startswith("gpu-demo-gpu-")
+    # From the apply: the pod's start and warmup come first.
+    assert fired.in_prometheus <= ready_after
+    assert resolved.delivered <= RESOLVE_BOUND + ALLOWANCE_SECONDS
+
+
+def test_canary_catches_a_model_with_wrong_masks(monitored: Monitored) -> None:
+    """A pod serving a model of the right shape whose masks are empty (accepted only through an
+    explicit checksum override): every request still answers 200, but the canary fails,
+    RembgCanaryFailing pages, and with unreadyAfterFailures the pod leaves the Service's
+    endpoints. Back to the real model, the canary passes and the alert resolves."""
+    cluster, watch = monitored.cluster, monitored.watch
+    digest = "sha256:" + hashlib.sha256(build_model()).hexdigest()
+    broken = _service(
+        "canary",
+        image=image_ref(BROKEN_MODEL_IMAGE),
+        server={
+            "drainSeconds": 1,
+            "canary": {"intervalSeconds": 5, "unreadyAfterFailures": 2},
+            "extraEnv": [
+                {"name": "REMBG_MODEL_DIR", "value": "/models-broken"},
+                {"name": "REMBG_MODEL_CHECKSUMS", "value": json.dumps({"u2netp": digest})},
+            ],
+        },
+    )
+    started = time.monotonic()
+    kubectl_apply(cluster, FLEET, broken)
+    labels = {"namespace": FLEET, "rembg_service": "canary", "pool": "cpu"}
+    fired = watch.fired("RembgCanaryFailing", labels, started, READY_TIMEOUT)
+    failing = monitored.stack.prometheus.query(
+        f'rembg_canary_success{{namespace="{FLEET}", rembg_service="canary"}}'
+    )
+    assert [s["value"][1] for s in failing] == ["0"], failing
+    iou = monitored.stack.prometheus.query(
+        f'rembg_canary_iou{{namespace="{FLEET}", rembg_service="canary"}}'
+    )
+    (pod,) = pods(cluster, FLEET, "rembg.io/service=canary")
+    endpoint = _endpoint_of(cluster, "canary", pod["metadata"]["name"])
+    assert endpoint is not None, "the canary pod has no endpoint"
+    assert endpoint["conditions"]["ready"] is False, endpoint
+    kubectl_apply(cluster, FLEET, _service("canary"))
+    wait_ready(cluster, FLEET, "canary", timeout=READY_TIMEOUT)
+    _rollout(cluster, "canary-cpu")
+    ended = time.monotonic()
+    resolved = watch.resolved("RembgCanaryFailing", labels, ended, TIMEOUT)
+    print("\n" + report("RembgCanaryFailing", fired, resolved) + " (from the apply)")
+    print(f"broken model's canary IoU: {[s['value'][1] for s in iou]}")
+    assert fired.receiver == "rembg-page"
+    assert fired.labels["model"] == "u2netp"
+    assert resolved.delivered <= RESOLVE_BOUND + ALLOWANCE_SECONDS
+    cluster.kubectl("delete", "rembgservice", "canary", "-n", FLEET, "--wait=false")
+
+
+def _endpoint_of(cluster: DevCluster, service: str, pod: str) -> dict[str, Any] | None:
+    listing = get(cluster, FLEET, "endpointslices", "-l", f"kubernetes.io/service-name={service}")
+    for item in (listing or {}).get("items", []):
+        for endpoint in item.get("endpoints") or []:
+            if (endpoint.get("targetRef") or {}).get("name") == pod:
+                return dict(endpoint)
+    return None
+
+
+def test_monitoring_stack_runs_in_restricted_pods(monitored: Monitored) -> None:
+    """Every monitoring pod runs on the real node, in a namespace enforcing `restricted`."""
+    found = (get(monitored.cluster, MONITORING_NAMESPACE, "pods") or {}).get("items", [])
+    names = sorted(p["metadata"]["name"].rsplit("-", 2)[0] for p in found)
+    assert {"prometheus-operator", "kube-state-metrics"} <= set(names), names
+    assert any(p["metadata"]["name"] == "prometheus-rembg-0" for p in found)
+    assert all(p["spec"]["nodeName"] == NODE_NAME for p in found)
+    namespace = get(monitored.cluster, "", "namespace", MONITORING_NAMESPACE)
+    assert namespace is not None
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
