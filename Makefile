@@ -30,7 +30,7 @@ system-deps: ## Debian packages the tests use (promtool, openssl, redis, the rea
 	if [ $${#need[@]} -gt 0 ]; then \
 	  sudo_=$$( [ "$$(id -u)" = 0 ] && echo || echo sudo ); \
 	  $$sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_ apt-get install -y -qq --no-install-recommends "$${need[@]}"; \
-	  systemctl stop prometheus prometheus-alertmanager redis-server containerd 2>/dev/null || true; \
+	  systemctl disable --now prometheus prometheus-alertmanager redis-server containerd 2>/dev/null || true; \
 	fi
 
 venv: $(VENV)/.installed ## Python virtualenv with the project and its dev extras

@@ -400,8 +400,9 @@ build_image pause "$PAUSE_REF" "$pause_key" "$tmp/pause" "$tmp/pause/Dockerfile"
 # --- Monitoring: the Prometheus Operator, Prometheus, its config reloader, kube-state-metrics ----
 # The static Go binaries build-binaries.sh built (`make binaries` first), each FROM scratch as an
 # unprivileged user, for the Prometheus Operator's pods (devcluster/rembg_devcluster/monitoring.py).
-prom_ver=${PROMETHEUS_VERSION#v0.}  # the Go module's v0.315.1 is Prometheus 3.15.1
-prom_ver=v3.${prom_ver#3}
+# The Go module's v0.315.1 is Prometheus 3.15.1 (v0.305.0 would be 3.5.0).
+IFS=. read -r prom_minor prom_patch <<< "${PROMETHEUS_VERSION#v0.}"
+prom_ver=v3.$((10#${prom_minor#3})).$prom_patch
 declare -A go_image_ref=(
   [prometheus-operator]=localhost/rembg-fleet/prometheus-operator:$PROMETHEUS_OPERATOR_VERSION
   [prometheus]=localhost/rembg-fleet/prometheus:$prom_ver
@@ -436,11 +437,23 @@ done
 # explicit REMBG_MODEL_CHECKSUMS override. Test-only: never pushed anywhere.
 BROKEN_REF=localhost/rembg-fleet/server-broken-model:$version
 current_step="the broken model"
-broken_key=$({ echo "server=$server_key"; hash_inputs e2e/images; } | sha256)
+broken_dockerfile='ARG SERVER_IMAGE
+FROM ${SERVER_IMAGE}
+COPY --chmod=0444 u2netp.onnx /models-broken/u2netp.onnx'
+# The model's bytes come from the onnx package's serializer: its version is an input too.
+onnx_version=$("$PYTHON" -c 'import onnx; print(onnx.__version__)')
+broken_key=$({ echo "server=$server_key onnx=$onnx_version"; echo "$broken_dockerfile"; hash_inputs e2e/images; } | sha256)
 if [ ! -s "$IMAGES/server-broken-model-${broken_key:0:12}.tar" ]; then
   mkdir -p "$tmp/broken"
   "$PYTHON" "$root/e2e/images/broken_model.py" "$tmp/broken" >/dev/null
-  printf 'ARG SERVER_IMAGE\nFROM ${SERVER_IMAGE}\nCOPY --chmod=0444 u2netp.onnx /models-broken/u2netp.onnx\n' > "$tmp/broken/Dockerfile"
+  echo "$broken_dockerfile" > "$tmp/broken/Dockerfile"
+  # FROM names the server's tag: load this run's archive under it, so a tag left by another
+  # checkout of the same version is never the base.
+  if [ "$engine" = buildah ]; then
+    B pull --quiet "docker-archive:${result_archive[server]}" >/dev/null
+  else
+    docker load -q -i "${result_archive[server]}" >/dev/null
+  fi
 fi
 build_image server-broken-model "$BROKEN_REF" "$broken_key" "$tmp/broken" "$tmp/broken/Dockerfile" \
   --build-arg "SERVER_IMAGE=$SERVER_REF"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from rembg_devcluster.monitoring import MonitoringStack, WebhookSink
@@ -17,12 +18,20 @@ def _matches(labels: Mapping[str, str], wanted: Mapping[str, str]) -> bool:
 
 @dataclass(frozen=True)
 class Fired:
-    """Seconds from the fault's start to the alert firing in Prometheus, and to its delivery."""
+    """Seconds from the fault's start to the alert going pending (Prometheus' own activeAt: its
+    expression first held), to this test seeing it firing, and to its delivery."""
 
     labels: dict[str, str]
+    pending: float
     in_prometheus: float
     delivered: float | None  # None: not delivered (inhibited)
     receiver: str | None
+
+
+def wall_to_monotonic(timestamp: str) -> float:
+    """An RFC 3339 time from Prometheus or the API server on this process' monotonic clock."""
+    wall = datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+    return wall - time.time() + time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -72,14 +81,15 @@ class AlertWatch:
         reaches a receiver."""
         deadline = time.monotonic() + timeout
         in_prometheus: float | None = None
-        firing: dict[str, str] = {}
+        firing: dict[str, Any] = {}
         while time.monotonic() < deadline:
             if in_prometheus is None and (found := self._prometheus(name, labels, "firing")):
-                in_prometheus, firing = time.monotonic() - since, found[0]["labels"]
+                in_prometheus, firing = time.monotonic() - since, found[0]
             delivery = self._delivered(name, labels, "firing", since)
             if in_prometheus is not None and (delivery is not None or not delivered):
                 return Fired(
-                    firing,
+                    firing["labels"],
+                    wall_to_monotonic(firing["activeAt"]) - since,
                     in_prometheus,
                     None if delivery is None else delivery.at - since,
                     None if delivery is None else delivery.receiver,
@@ -111,6 +121,19 @@ class AlertWatch:
             f"(gone from Prometheus after: {in_prometheus})"
         )
 
+    def gone(self, name: str, labels: Mapping[str, str], since: float, timeout: float) -> float:
+        """Seconds from since until Prometheus holds no pending or firing such alert (for an
+        inhibited alert, whose resolution nobody is told)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            active = self._prometheus(name, labels, "firing") + self._prometheus(
+                name, labels, "pending"
+            )
+            if not active:
+                return time.monotonic() - since
+            time.sleep(1)
+        raise AssertionError(f"{name} {dict(labels)} still active after {timeout:.0f}s")
+
     def ever_delivered(self, name: str, labels: Mapping[str, str]) -> bool:
         return self._delivered(name, labels, "firing", since=0.0) is not None
 
@@ -124,7 +147,10 @@ def report(name: str, fired: Fired, resolved: Resolved | None) -> str:
         if fired.delivered is not None
         else "not delivered (inhibited)"
     )
-    line = f"{name} {labels}: fired after {fired.in_prometheus:.1f}s, {delivered}"
+    line = (
+        f"{name} {labels}: pending after {fired.pending:.1f}s, firing after "
+        f"{fired.in_prometheus:.1f}s, {delivered}"
+    )
     if resolved is not None:
         line += (
             f"; resolved {resolved.in_prometheus:.1f}s after the fault ended, "

@@ -7,6 +7,7 @@ the images `make images` built. A host that cannot run one fails the test with o
 
 from __future__ import annotations
 
+import io
 import subprocess
 import threading
 import time
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from PIL import Image
 from rembg_devcluster import ClusterConfig, DevCluster, real_node
 from rembg_devcluster.images import load_image_index
 from rembg_devcluster.node_config import NODE_NAME, NodePaths
+from skimage import data
 
 from e2e.operator_support import eventually, get
 
@@ -87,15 +90,19 @@ def cluster_ip(cluster: DevCluster, namespace: str, service: str) -> str:
     return str(found["spec"]["clusterIP"])
 
 
+def endpoints(cluster: DevCluster, namespace: str, service: str) -> list[dict[str, Any]]:
+    """Every endpoint of the Service's EndpointSlices (ready or not)."""
+    listing = get(
+        cluster, namespace, "endpointslices", "-l", f"kubernetes.io/service-name={service}"
+    )
+    return [e for item in (listing or {}).get("items", []) for e in item.get("endpoints") or []]
+
+
 def wait_for_endpoints(cluster: DevCluster, namespace: str, service: str, count: int = 1) -> None:
     def ready_addresses() -> int:
-        listing = get(
-            cluster, namespace, "endpointslices", "-l", f"kubernetes.io/service-name={service}"
-        )
         return sum(
             1
-            for item in (listing or {}).get("items", [])
-            for endpoint in item.get("endpoints") or []
+            for endpoint in endpoints(cluster, namespace, service)
             if (endpoint.get("conditions") or {}).get("ready")
         )
 
@@ -126,6 +133,8 @@ class LoadClient:
     # Each client's pause between requests: 0 is as fast as the server answers.
     pause_seconds: float = 0.0
     content_type: str = "image/jpeg"
+    # Polite clients wait out a 429/503's Retry-After, up to this many seconds (0: retry at once).
+    max_retry_after_seconds: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)
     # time.monotonic() of the first and the latest answer of each outcome.
     first_seen: dict[str, float] = field(default_factory=dict)
@@ -155,14 +164,18 @@ class LoadClient:
                         self.url, content=self.image, headers={"Content-Type": self.content_type}
                     )
                     outcome = str(response.status_code)
+                    pause = self.pause_seconds
+                    if response.status_code in (429, 503):
+                        wanted = float(response.headers.get("Retry-After", "0") or 0)
+                        pause = max(pause, min(wanted, self.max_retry_after_seconds))
                 except httpx.HTTPError as error:
-                    outcome = type(error).__name__
+                    outcome, pause = type(error).__name__, self.pause_seconds
                 now = time.monotonic()
                 with self._lock:
                     self.outcomes[outcome] += 1
                     self.first_seen.setdefault(outcome, now)
                     self.last_seen[outcome] = now
-                self._stop.wait(self.pause_seconds)
+                self._stop.wait(pause)
 
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "rembg-operator"
@@ -198,3 +211,11 @@ def container_host_pid(cluster: DevCluster, container_id: str) -> int:
         if task == container_id:
             return int(pid)
     raise AssertionError(f"no containerd task {container_id}")
+
+
+def photo(size: tuple[int, int] = (640, 480)) -> bytes:
+    """A real photograph from scikit-image's wheel (no download), as JPEG bytes."""
+    image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()

@@ -26,7 +26,6 @@ from rembg import new_session, remove
 from rembg_devcluster import DevCluster
 from rembg_devcluster.metrics_stack import MetricsStack
 from rembg_operator.custom_metrics import build_adapter_config
-from skimage import data
 
 from e2e.operator_support import (
     OperatorProcess,
@@ -48,6 +47,7 @@ from e2e.real_node_support import (
     describe_pods,
     helm,
     on_real_node,
+    photo,
     pods,
     ready_pods,
     start_real_node_cluster,
@@ -80,14 +80,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     finally:
         cluster.stop()
     assert cluster.state.teardown_problems == []
-
-
-def _photo(size: tuple[int, int] = (640, 480)) -> bytes:
-    """A real photograph from scikit-image's wheel (no download), as JPEG bytes."""
-    image = Image.fromarray(data.astronaut()).resize(size, Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def _alpha_diff(a: Image.Image, b: Image.Image) -> float:
@@ -150,12 +142,12 @@ def test_minimal_example_runs_real_pods_and_cuts_out_through_the_service(fleet: 
     assert start_to_ready >= warmup - 1.0
 
     wait_for_endpoints(cluster, namespace, "demo")
-    photo = _photo()
+    image = photo()
     url = f"http://{cluster_ip(cluster, namespace, 'demo')}/v1/remove"
-    response = httpx.post(url, content=photo, headers={"Content-Type": "image/jpeg"}, timeout=120)
+    response = httpx.post(url, content=image, headers={"Content-Type": "image/jpeg"}, timeout=120)
     assert response.status_code == 200, response.text
     ours = Image.open(io.BytesIO(response.content))
-    theirs = Image.open(io.BytesIO(remove(photo, session=new_session("u2netp"))))
+    theirs = Image.open(io.BytesIO(remove(image, session=new_session("u2netp"))))
     assert ours.size == theirs.size
     assert _alpha_diff(ours.getchannel("A"), theirs.getchannel("A")) <= TOLERANCE
     assert _alpha_diff(ours, theirs) <= TOLERANCE
@@ -194,7 +186,7 @@ def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
     wait_for_endpoints(cluster, namespace, "rolling")
     (before,) = ready_pods(cluster, namespace, _selector("rolling"))
 
-    load = LoadClient(f"http://{cluster_ip(cluster, namespace, 'rolling')}/v1/remove", _photo())
+    load = LoadClient(f"http://{cluster_ip(cluster, namespace, 'rolling')}/v1/remove", photo())
     load.start()
     try:
         time.sleep(5)
@@ -319,7 +311,7 @@ def test_pods_that_cannot_run_are_reported_with_their_reason(fleet: Fleet) -> No
             cluster.kubectl("delete", "rembgservice", name, "-n", namespace, "--wait=false")
 
 
-def test_the_operator_runs_as_a_pod_from_its_image_installed_byhelm(fleet: Fleet) -> None:
+def test_the_operator_runs_as_a_pod_from_its_image_installed_by_helm(fleet: Fleet) -> None:
     """`helm install` of our chart: the operator pod (our image, restricted, read-only root)
     talks to the API server with the ServiceAccount token the kubelet mounts, through the
     `kubernetes` Service, and brings a RembgService in the namespace it watches to Ready."""
@@ -476,7 +468,7 @@ def test_load_through_the_service_scales_real_pods_up_and_back_down(
 def _scale_up_and_down(fleet: Fleet, stack: MetricsStack) -> None:
     cluster, namespace = fleet.cluster, fleet.namespace
     url = f"http://{cluster_ip(cluster, namespace, 'scaling')}/v1/remove"
-    load = LoadClient(url, _photo((320, 240)), clients=4)
+    load = LoadClient(url, photo((320, 240)), clients=4)
     started = time.monotonic()
     load.start()
     try:

@@ -26,9 +26,7 @@ def wait_until(
     not yet. Times out with ComponentTimeoutError carrying logs()."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(
-            httpx.HTTPError, OSError, DevClusterError, subprocess.SubprocessError
-        ):
+        with contextlib.suppress(*NOT_YET):
             if probe():
                 return
         time.sleep(every_seconds)

@@ -166,19 +166,13 @@ def server_metric_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 def _metrics_after_canary(base: str, deadline: float) -> str:
     """/metrics once the canary's first run is in it (it runs right after warmup, so this
-    rarely waits); a server without a canary is read at once."""
+    rarely waits)."""
     while True:
         exposition = httpx.get(f"{base}/metrics", timeout=10).text
-        if not _has_canary() or "rembg_canary_success{" in exposition:
+        if "rembg_canary_success{" in exposition:
             return exposition
         assert time.monotonic() < deadline, "no canary run in /metrics"
         time.sleep(0.2)
-
-
-def _has_canary() -> bool:
-    from rembg_server.settings import Settings  # noqa: PLC0415 - the server's, not ours
-
-    return "canary_interval_seconds" in Settings.model_fields
 
 
 def _ready(base: str) -> bool:

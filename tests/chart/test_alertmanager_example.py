@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +16,14 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from rembg_devcluster.monitoring import WebhookSink, route_to_sink
+from rembg_devcluster.monitoring import (
+    AlertmanagerAPI,
+    WebhookSink,
+    alertmanager_binary,
+    build_alertmanager_args,
+    route_to_sink,
+)
+from rembg_devcluster.ports import free_port
 from rembg_operator.builders import ServiceRef, plan_pools
 from rembg_operator.builders.monitoring import build_rule_groups
 from rembg_operator.models import RembgServiceSpec
@@ -129,13 +135,6 @@ def test_amtool_routes(labels: str, receiver: str) -> None:
 # ---- a real Alertmanager -----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def firing(sink: WebhookSink) -> set[tuple[str, str, str, str]]:
     """(receiver, alertname, rembg_service, pool) of every firing alert delivered."""
     return {
@@ -150,26 +149,19 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, WebhookSink]]:
     if ALERTMANAGER is None:
         pytest.fail(f"Alertmanager missing: {HINT}", pytrace=False)
     webhooks = WebhookSink()
-    config = tmp_path / "alertmanager.yaml"
+    config = tmp_path / "alertmanager.yaml"  # where build_alertmanager_args points
     # What the monitoring e2e changes too: the receivers' URLs and the grouping timings.
     config.write_text(yaml.safe_dump(route_to_sink(_config(), webhooks.url)))
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "alertmanager.log").open("wb")
-    process = subprocess.Popen(
-        [
-            ALERTMANAGER,
-            f"--config.file={config}",
-            f"--storage.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",  # no HA peers
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
+    # The same command line the monitoring stack runs it with.
+    argv = build_alertmanager_args(alertmanager_binary(), tmp_path, f"127.0.0.1:{port}")
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    api = AlertmanagerAPI(f"http://127.0.0.1:{port}")
+    base = api.url
     try:
         deadline = time.monotonic() + 30
-        while not _ready(base):
+        while not _ready(api):
             assert process.poll() is None, (tmp_path / "alertmanager.log").read_text()
             assert time.monotonic() < deadline, "Alertmanager not ready"
             time.sleep(0.1)
@@ -181,9 +173,9 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, WebhookSink]]:
         webhooks.close()
 
 
-def _ready(base: str) -> bool:
+def _ready(api: AlertmanagerAPI) -> bool:
     try:
-        return httpx.get(f"{base}/-/ready", timeout=1).status_code == 200
+        return api.ready()
     except httpx.HTTPError:
         return False
 
