@@ -57,6 +57,9 @@ class AlertWatch:
             and a["state"] == state
         ]
 
+    def _active(self, name: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
+        return self._prometheus(name, labels, "firing") + self._prometheus(name, labels, "pending")
+
     def _delivered(self, name: str, labels: Mapping[str, str], status: str, since: float) -> Any:
         for delivery in self.sink.deliveries():
             if (
@@ -107,10 +110,7 @@ class AlertWatch:
         deadline = time.monotonic() + timeout
         in_prometheus: float | None = None
         while time.monotonic() < deadline:
-            active = self._prometheus(name, labels, "firing") + self._prometheus(
-                name, labels, "pending"
-            )
-            if in_prometheus is None and not active:
+            if in_prometheus is None and not self._active(name, labels):
                 in_prometheus = time.monotonic() - since
             delivery = self._delivered(name, labels, "resolved", since)
             if in_prometheus is not None and delivery is not None:
@@ -126,10 +126,7 @@ class AlertWatch:
         inhibited alert, whose resolution nobody is told)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            active = self._prometheus(name, labels, "firing") + self._prometheus(
-                name, labels, "pending"
-            )
-            if not active:
+            if not self._active(name, labels):
                 return time.monotonic() - since
             time.sleep(1)
         raise AssertionError(f"{name} {dict(labels)} still active after {timeout:.0f}s")

@@ -136,9 +136,8 @@ class LoadClient:
     # Polite clients wait out a 429/503's Retry-After, up to this many seconds (0: retry at once).
     max_retry_after_seconds: float = 0.0
     outcomes: Counter[str] = field(default_factory=Counter)
-    # time.monotonic() of the first and the latest answer of each outcome.
+    # time.monotonic() of the first answer of each outcome.
     first_seen: dict[str, float] = field(default_factory=dict)
-    last_seen: dict[str, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -174,7 +173,6 @@ class LoadClient:
                 with self._lock:
                     self.outcomes[outcome] += 1
                     self.first_seen.setdefault(outcome, now)
-                    self.last_seen[outcome] = now
                 self._stop.wait(pause)
 
 

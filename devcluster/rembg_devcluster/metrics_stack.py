@@ -52,6 +52,7 @@ from rembg_devcluster import pki
 from rembg_devcluster.binaries import VERSIONS_FILE, cache_dir, parse_versions_env
 from rembg_devcluster.cluster import DevCluster
 from rembg_devcluster.errors import BinaryMissingError
+from rembg_devcluster.monitoring import PrometheusAPI
 from rembg_devcluster.ports import free_port
 from rembg_devcluster.waiting import wait_until
 
@@ -509,12 +510,7 @@ class MetricsStack:
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query's result vector."""
-        response = httpx.get(
-            f"{self.prometheus_url}/api/v1/query", params={"query": promql}, timeout=10
-        )
-        response.raise_for_status()
-        result: list[dict[str, Any]] = response.json()["data"]["result"]
-        return result
+        return PrometheusAPI(self.prometheus_url).query(promql)
 
     def custom_metric(self, namespace: str, metric: str) -> dict[str, float]:
         """Pods metric values as the HPA controller reads them: {pod: value}."""

@@ -131,7 +131,7 @@ def alertmanager_binary() -> Path:
 
 
 def in_namespace(manifests: Sequence[Manifest], namespace: str) -> list[Manifest]:
-    """Upstream manifests moved to namespace (binding subjects too), pulled images never."""
+    """Upstream manifests moved to namespace (their binding subjects too), copies."""
     moved = []
     for original in manifests:
         manifest = copy.deepcopy(original)
@@ -307,6 +307,7 @@ class PrometheusAPI:
         return response.json()["data"]
 
     def query(self, promql: str) -> list[dict[str, Any]]:
+        """An instant query's result vector."""
         result: list[dict[str, Any]] = self._get("/api/v1/query", query=promql)["result"]
         return result
 
@@ -486,10 +487,6 @@ class MonitoringStack:
             return False
         self.prometheus = PrometheusAPI(f"http://{pod['status']['podIP']}:{PROMETHEUS_PORT}")
         return httpx.get(f"{self.prometheus.url}/-/ready", timeout=5).status_code == 200
-
-    def reload_alertmanager(self, config: Mapping[str, Any]) -> None:
-        (self.workdir / "alertmanager.yaml").write_text(yaml.safe_dump(dict(config)))
-        httpx.post(f"{self.alertmanager.url}/-/reload", timeout=10).raise_for_status()
 
     def describe(self) -> str:
         """Pods, the Prometheus resource's conditions and the operator's log tail."""

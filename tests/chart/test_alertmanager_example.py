@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from rembg_devcluster.errors import BinaryMissingError
 from rembg_devcluster.monitoring import (
     AlertmanagerAPI,
     WebhookSink,
@@ -31,7 +32,6 @@ from rembg_operator.models import RembgServiceSpec
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "monitoring" / "alertmanager.yaml"
 AMTOOL = shutil.which("amtool")
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 HINT = "`make system-deps` installs Debian's prometheus-alertmanager (amtool included)"
 
 # The names other tests and users rely on (the monitoring e2e swaps only their URLs).
@@ -146,7 +146,9 @@ def firing(sink: WebhookSink) -> set[tuple[str, str, str, str]]:
 
 @pytest.fixture
 def alertmanager(tmp_path: Path) -> Iterator[tuple[str, WebhookSink]]:
-    if ALERTMANAGER is None:
+    try:
+        binary = alertmanager_binary()
+    except BinaryMissingError:
         pytest.fail(f"Alertmanager missing: {HINT}", pytrace=False)
     webhooks = WebhookSink()
     config = tmp_path / "alertmanager.yaml"  # where build_alertmanager_args points
@@ -155,7 +157,7 @@ def alertmanager(tmp_path: Path) -> Iterator[tuple[str, WebhookSink]]:
     port = free_port()
     log = (tmp_path / "alertmanager.log").open("wb")
     # The same command line the monitoring stack runs it with.
-    argv = build_alertmanager_args(alertmanager_binary(), tmp_path, f"127.0.0.1:{port}")
+    argv = build_alertmanager_args(binary, tmp_path, f"127.0.0.1:{port}")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     api = AlertmanagerAPI(f"http://127.0.0.1:{port}")
     base = api.url
