@@ -17,7 +17,8 @@ class ServerMetrics:
         self.registry = registry
         self.requests = Counter(
             "rembg_requests",
-            "Removal requests answered, by HTTP status code.",
+            "Removal requests answered, by HTTP status code; 499 (nginx's code, never sent) is a "
+            "client that hung up first, during its upload or while queued.",
             [*LABELS, "code"],
             registry=registry,
         )

@@ -1,6 +1,6 @@
 """`python -m rembg_operator`: run the operator (kopf, standalone, handlers from this package).
 
-Flags override the REMBG_OPERATOR_* environment (see rembg_operator.config).
+Flags override the REMBG_OPERATOR_* environment (see rembg_operator.settings).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import kopf
 from kopf._core.engines.peering import Identity  # kopf.run's type for it; not re-exported
 
-from rembg_operator.config import OperatorConfig
+from rembg_operator.settings import Settings
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,7 +53,7 @@ def apply_flags(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     apply_flags(parse_args(sys.argv[1:] if argv is None else argv))
-    config = OperatorConfig()
+    config = Settings()
     kopf.configure(
         verbose=config.log_level == "DEBUG",
         quiet=config.log_level in ("WARNING", "ERROR"),

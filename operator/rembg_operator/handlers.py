@@ -1,14 +1,15 @@
-"""kopf registrations: each handler only delegates to the Fleet (rembg_operator.fleet).
+"""kopf registrations: each handler only delegates to the controller (controller.py).
 
-Every handler is an event handler: the Fleet decides from each event what work it needs
-(level-triggered, like a controller-runtime reconciler) and runs it in its own per-service
-queue, with its own retries. kopf's change handlers (on.create/update/resume) are not used:
-they keep their state in annotations on the RembgService, which costs one PATCH per change
-and a deep copy of every event's body, and a burst of hundreds of services pays for both.
+Every handler is an event handler: the controller decides from each event what work it needs
+(level-triggered, like a controller-runtime reconciler) and runs it through its work queue,
+one pass per service at a time, with its own retries. kopf's change handlers
+(on.create/update/resume) are not used: they keep their state in annotations on the
+RembgService, which costs one PATCH per change and a deep copy of every event's body, and a
+burst of hundreds of services pays for both.
 
-Status is written by the Fleet (a merge patch of the status subresource), not through
-kopf's `patch.status`: child watch events update status too, and one writer per service,
-serialised by a lock, cannot overwrite a newer status with an older one.
+Status is written by the reconciler (a merge patch of the status subresource), not through
+kopf's `patch.status`: child watch events update status too, and one writer per service
+(the queue runs one pass per key at a time) cannot overwrite a newer status with an older one.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from rembg_operator import settings as operator_settings
+from rembg_operator import startup as operator_startup
 from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL, POOL_LABEL
 from rembg_operator.models import API_GROUP, API_VERSION, PLURAL
 
@@ -36,18 +37,18 @@ CHILD_RESOURCES = (
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    await operator_settings.start(settings, memo, CHILD_RESOURCES)
+    await operator_startup.start(settings, memo, CHILD_RESOURCES)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    await operator_settings.stop(memo)
+    await operator_startup.stop(memo)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 async def service_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
     # type None is kopf's initial listing: on start-up every service is reconciled (resume).
-    memo.fleet.on_service_event(type, body)
+    memo.controller.on_service_event(type, body)
 
 
 OPTIONAL_CRDS = frozenset(
@@ -69,7 +70,7 @@ async def optional_api_changed(type: str | None, memo: kopf.Memo, **_: Any) -> N
     # Monitoring or KEDA installed (or removed) after the services: re-apply them all now
     # rather than at the next resync. type None is kopf's initial listing: nothing changed.
     if type is not None:
-        memo.fleet.on_optional_api_changed()
+        memo.controller.on_optional_api_changed()
 
 
 # The pods of our pools (settings.POD_SELECTOR filters the same on the server).
@@ -78,7 +79,7 @@ async def optional_api_changed(type: str | None, memo: kopf.Memo, **_: Any) -> N
 )
 async def pod_changed(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:  # noqa: A002
     # Status only: why the pool's pods are not ready (rembg_operator.pod_health).
-    memo.fleet.on_pod_event(type, body)
+    memo.controller.on_pod_event(type, body)
 
 
 def _register_child_watchers() -> None:
@@ -91,7 +92,7 @@ def _register_child_watchers() -> None:
             memo: kopf.Memo,
             **_: Any,
         ) -> None:
-            memo.fleet.on_child_event(type, body)
+            memo.controller.on_child_event(type, body)
 
 
 _register_child_watchers()

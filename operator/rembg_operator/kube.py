@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
@@ -25,6 +25,8 @@ from rembg_operator.models import API_GROUP, API_VERSION, GPU_RESOURCE, PLURAL, 
 
 FIELD_MANAGER = "rembg-operator"
 REQUEST_TIMEOUT_SECONDS = 30.0
+# Lists that need names only ask for metadata: a list of Deployments is a few kB, not MBs.
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 # apiVersion, kind -> plural, namespaced. Only the kinds the operator touches.
 RESOURCES: dict[tuple[str, str], tuple[str, bool]] = {
@@ -55,6 +57,14 @@ class ApiError(Exception):
         return self.status == 404
 
 
+def api_version_of(kind: str) -> str:
+    """The apiVersion the operator uses for a kind it knows."""
+    for api_version, known in RESOURCES:
+        if known == kind:
+            return api_version
+    raise KeyError(kind)
+
+
 def resource_path(
     api_version: str, kind: str, namespace: str | None = None, name: str | None = None
 ) -> str:
@@ -64,6 +74,30 @@ def resource_path(
         base += f"/namespaces/{namespace}"
     base += f"/{plural}"
     return f"{base}/{name}" if name else base
+
+
+class KubeApi(Protocol):
+    """What the reconciler needs of the API server; KubeClient is the real one, tests fake it."""
+
+    async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool: ...
+
+    async def list_names(
+        self, api_version: str, kind: str, namespace: str, label_selector: str
+    ) -> set[str]: ...
+
+    async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    async def serves(self, group_version: str, plurals: tuple[str, ...], ttl: float) -> bool: ...
+
+    async def gpu_capacity(self, ttl: float) -> int | None: ...
+
+    def forget_cached(self, key: str | None = None) -> None: ...
+
+    async def post_event(
+        self, owner: Mapping[str, Any], *, warning: bool, reason: str, message: str
+    ) -> None: ...
 
 
 @dataclass
@@ -108,6 +142,7 @@ class KubeClient:
         query: list[tuple[str, str]] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
         resource: str = "",
     ) -> dict[str, Any]:
         started = time.perf_counter()
@@ -117,7 +152,7 @@ class KubeClient:
                 path,
                 method,
                 query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": accept},
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
@@ -183,6 +218,19 @@ class KubeClient:
             if error.not_found:
                 return None
             raise
+
+    async def list_names(
+        self, api_version: str, kind: str, namespace: str, label_selector: str
+    ) -> set[str]:
+        """Names of the objects of a kind in a namespace that match the selector (metadata only)."""
+        found = await self.request(
+            "GET",
+            resource_path(api_version, kind, namespace),
+            query=[("labelSelector", label_selector)],
+            accept=METADATA_ONLY,
+            resource=kind,
+        )
+        return {str(item["metadata"]["name"]) for item in found.get("items", [])}
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """JSON merge patch of the status subresource (None values delete keys)."""

@@ -16,3 +16,8 @@ def make_spec(**raw: Any) -> RembgServiceSpec:
 @pytest.fixture
 def ref() -> ServiceRef:
     return ServiceRef(name="demo", namespace="team-a")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # kopf and the operator run on asyncio

@@ -80,6 +80,37 @@ def test_a_client_that_hangs_up_while_queued_costs_no_inference(
     assert server.metric("rembg_batch_size_count", **labels) == batches_before + 4
 
 
+def upload_part_then_hang_up(url: str, request_id: str) -> None:
+    """Headers announcing 100000 bytes, a few of them, then close: a client that gave up."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = (
+            f"POST /v1/remove HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: 100000\r\nX-Request-ID: {request_id}\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b"\xff\xd8\xff\xe0" * 4)
+
+
+def test_a_client_that_hangs_up_mid_upload_is_one_info_line_and_a_499_not_a_500(
+    server: ServerProcess, photos: dict[str, bytes]
+) -> None:
+    labels = {"model": "u2netp", "device": "cpu"}
+    left_before = server.metric("rembg_requests_total", code="499", **labels)
+    upload_part_then_hang_up(server.url, "hang-up-mid-upload")
+    wait_for(lambda: "hang-up-mid-upload" in server.log.read_text(), what="the hang-up's log line")
+    entries = [json.loads(line) for line in server.log_lines()]
+    [entry] = [e for e in entries if e.get("request_id") == "hang-up-mid-upload"]
+    assert (entry["level"], entry["status"]) == ("info", 499)
+    assert entry["detail"] == "client disconnected during upload"
+    assert server.metric("rembg_requests_total", code="499", **labels) == left_before + 1
+    assert server.metric("rembg_requests_total", code="500", **labels) == 0
+    assert server.metric("rembg_pending_requests", **labels) == 0
+    assert post(server.url, photos["coffee"]).status_code == 200
+    # Read after a later request, so an error logged just after the access line is seen too.
+    assert not [e for e in map(json.loads, server.log_lines()) if e["level"] == "error"]
+    assert "Traceback" not in server.log.read_text()
+
+
 def test_sigterm_turns_unready_finishes_in_flight_work_and_exits(
     model_dir: Path, tmp_path: Path, photos: dict[str, bytes]
 ) -> None:

@@ -28,6 +28,10 @@ class ServiceRef:
     def pool_object_name(self, pool: str) -> str:
         return f"{self.name}-{pool}"
 
+    def may_own(self, child_name: str) -> bool:
+        """A name one of this service's children can have (never enough to say it does)."""
+        return child_name == self.name or child_name.startswith(f"{self.name}-")
+
     @property
     def endpoint(self) -> str:
         return f"http://{self.name}.{self.namespace}.svc:{SERVICE_PORT}"

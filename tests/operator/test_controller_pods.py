@@ -1,20 +1,32 @@
-"""The Fleet and the pods of its pools: pod events refresh status (never apply), status says
-why pods are not ready, and a Warning Event is posted once per (pod, reason)."""
+"""The controller and the pods of its pools: pod events refresh status (never apply), status
+says why pods are not ready, and a Warning Event is posted once per (pod, reason)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import kopf
+import pytest
 from rembg_operator.builders import Capabilities, ServiceRef, build_children
-from rembg_operator.fleet import Fleet, merge_patch
+from rembg_operator.controller import Controller
 from rembg_operator.models import RembgServiceSpec
 from rembg_operator.rbac import RULES
-from rembg_operator.settings import POD_SELECTOR, filter_pods
+from rembg_operator.reconciler import merge_patch
+from rembg_operator.startup import POD_SELECTOR, filter_pods
 from rembg_operator.status import now_utc
 
 from tests.operator import pod_objects as pods
-from tests.operator.test_fleet import RecordingClient, _drain, _reconciled, make, owner, run
+from tests.operator.controller_support import (
+    RecordingClient,
+    created,
+    owner,
+    running,
+    settle,
+)
+
+pytestmark = pytest.mark.anyio
 
 SPEC: dict[str, Any] = {"cpu": {}}
 
@@ -33,25 +45,23 @@ def _pod_events(client: RecordingClient) -> list[tuple[str, str]]:
     return [e for e in client.events if e[0] not in ("Applied",)]
 
 
-async def _with_pod(client: RecordingClient, *bodies: dict[str, Any]) -> Fleet:
-    fleet, _ = await _reconciled(client, SPEC)
-    for body in bodies:
-        fleet.on_pod_event("ADDED", body)
-    await _drain(fleet)
-    return fleet
+@asynccontextmanager
+async def with_pods(client: RecordingClient, *bodies: dict[str, Any]) -> AsyncIterator[Controller]:
+    async with running(client) as controller:
+        await created(controller, SPEC)
+        for body in bodies:
+            controller.on_pod_event("ADDED", body)
+        await settle(controller)
+        yield controller
 
 
-def test_a_pod_event_refreshes_status_and_never_applies() -> None:
+async def test_a_pod_event_refreshes_status_and_never_applies() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet, _ = await _reconciled(client, SPEC)
+    async with with_pods(client) as controller:
         applied = len(client.applies())
-        fleet.on_pod_event("ADDED", pods.image_pull_backoff("demo-cpu-abc12"))
-        await _drain(fleet)
+        controller.on_pod_event("ADDED", pods.image_pull_backoff("demo-cpu-abc12"))
+        await settle(controller)
         assert len(client.applies()) == applied
-
-    run(scenario())
     cpu = _cpu_status(client)
     assert cpu["notReadyPods"] == 1
     assert cpu["notReady"][0]["pod"] == "demo-cpu-abc12"
@@ -62,123 +72,105 @@ def test_a_pod_event_refreshes_status_and_never_applies() -> None:
     assert _condition(client, "Degraded")["reason"] == "ImagePullBackOff"
 
 
-def test_a_warning_event_names_the_pod_and_the_reason_once() -> None:
+async def test_a_warning_event_names_the_pod_and_the_reason_once() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet = await _with_pod(client, pods.unschedulable("demo-cpu-pend1"))
+    async with with_pods(client, pods.unschedulable("demo-cpu-pend1")) as controller:
         # The same pod again (a resync, a status heartbeat): no second Event.
-        fleet.on_pod_event("MODIFIED", pods.unschedulable("demo-cpu-pend1"))
-        fleet.request(("ns", "demo"), full=True)
-        await _drain(fleet)
-
-    run(scenario())
+        controller.on_pod_event("MODIFIED", pods.unschedulable("demo-cpu-pend1"))
+        controller.request(("ns", "demo"), full=True)
+        await settle(controller)
     (event,) = _pod_events(client)
     assert event[0] == "Unschedulable"
     assert event[1].startswith("pool cpu: pod demo-cpu-pend1: Unschedulable: 0/3 nodes")
 
 
-def test_a_pull_that_alternates_reasons_posts_each_reason_once() -> None:
+async def test_a_pull_that_alternates_reasons_posts_each_reason_once() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet = await _with_pod(client, pods.err_image_pull())
+    async with with_pods(client, pods.err_image_pull()) as controller:
         for _ in range(3):
-            fleet.on_pod_event("MODIFIED", pods.image_pull_backoff())
-            await _drain(fleet)
-            fleet.on_pod_event("MODIFIED", pods.err_image_pull())
-            await _drain(fleet)
-
-    run(scenario())
+            controller.on_pod_event("MODIFIED", pods.image_pull_backoff())
+            await settle(controller)
+            controller.on_pod_event("MODIFIED", pods.err_image_pull())
+            await settle(controller)
     assert [e[0] for e in _pod_events(client)] == ["ErrImagePull", "ImagePullBackOff"]
 
 
-def test_a_relapse_after_the_pod_got_ready_is_posted_again() -> None:
+async def test_a_relapse_after_the_pod_got_ready_is_posted_again() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet = await _with_pod(client, pods.oom_crash_loop("demo-cpu-x"))
-        fleet.on_pod_event("MODIFIED", pods.healthy("demo-cpu-x"))
-        await _drain(fleet)
-        fleet.on_pod_event("MODIFIED", pods.oom_crash_loop("demo-cpu-x"))
-        await _drain(fleet)
-
-    run(scenario())
+    async with with_pods(client, pods.oom_crash_loop("demo-cpu-x")) as controller:
+        controller.on_pod_event("MODIFIED", pods.healthy("demo-cpu-x"))
+        await settle(controller)
+        controller.on_pod_event("MODIFIED", pods.oom_crash_loop("demo-cpu-x"))
+        await settle(controller)
     assert [e[0] for e in _pod_events(client)] == ["OOMKilled", "OOMKilled"]
     assert "(state CrashLoopBackOff)" in _pod_events(client)[0][1]
 
 
-def test_a_pod_merely_starting_posts_no_event_and_is_not_degraded() -> None:
+async def test_a_pod_merely_starting_posts_no_event_and_is_not_degraded() -> None:
     client = RecordingClient()
-    run(_with_pod(client, pods.container_creating()))
+    async with with_pods(client, pods.container_creating()):
+        pass
     assert _pod_events(client) == []
     assert _condition(client, "Degraded")["status"] == "False"
     assert _cpu_status(client)["notReady"][0]["reason"] == "ContainerCreating"
 
 
-def test_a_whole_pool_failing_at_once_posts_a_few_events() -> None:
+async def test_a_whole_pool_failing_at_once_posts_a_few_events() -> None:
     client = RecordingClient()
     many = [pods.image_pull_backoff(f"demo-cpu-{i:02}") for i in range(12)]
-    run(_with_pod(client, *many))
+    async with with_pods(client, *many):
+        pass
     assert len(_pod_events(client)) == 5
     cpu = _cpu_status(client)
     assert cpu["notReadyPods"] == 12
     assert len(cpu["notReady"]) == 5
 
 
-def test_pods_seen_before_their_service_count_once_it_is_known() -> None:
+async def test_pods_seen_before_their_service_count_once_it_is_known() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet = make(client)
-        fleet.on_pod_event("ADDED", pods.unschedulable("demo-cpu-early"))
-        key = fleet.remember(owner(SPEC))
-        await fleet.reconcile(key)
-
-    run(scenario())
+    async with running(client) as controller:
+        controller.on_pod_event("ADDED", pods.unschedulable("demo-cpu-early"))
+        await created(controller, SPEC)
     assert _cpu_status(client)["notReady"][0]["pod"] == "demo-cpu-early"
 
 
-def test_a_deleted_pod_leaves_the_status_and_the_stale_key_is_removed() -> None:
+async def test_a_deleted_pod_leaves_the_status() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet = await _with_pod(client, pods.image_pull_backoff("demo-cpu-abc12"))
-        fleet.on_pod_event("DELETED", pods.image_pull_backoff("demo-cpu-abc12"))
-        await _drain(fleet)
-        assert ("ns", "demo") not in fleet.pods
-
-    run(scenario())
+    async with with_pods(client, pods.image_pull_backoff("demo-cpu-abc12")) as controller:
+        controller.on_pod_event("DELETED", pods.image_pull_backoff("demo-cpu-abc12"))
+        await settle(controller)
     assert client.statuses[-1]["pools"]["cpu"]["notReady"] is None
     assert client.statuses[-1]["pools"]["cpu"]["notReadyPods"] is None
     assert _condition(client, "Degraded")["status"] == "False"
 
 
-def test_pods_of_other_services_do_not_touch_this_one() -> None:
+async def test_pods_of_other_services_do_not_touch_this_one() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        fleet, _ = await _reconciled(client, SPEC)
+    async with with_pods(client) as controller:
         written = len(client.statuses)
-        fleet.on_pod_event("ADDED", pods.image_pull_backoff(service="other"))
-        await _drain(fleet)
+        controller.on_pod_event("ADDED", pods.image_pull_backoff(service="other"))
+        await settle(controller)
         assert len(client.statuses) == written
 
-    run(scenario())
 
-
-def test_a_container_warming_up_gets_a_second_look_when_its_grace_ends() -> None:
+async def test_a_container_warming_up_gets_a_second_look_when_its_grace_ends() -> None:
     client = RecordingClient()
-
-    async def scenario() -> None:
-        # The Fleet reads the clock itself: a pod that started a moment ago.
-        fleet = await _with_pod(client, pods.warming_up(now=now_utc()))
+    # The controller reads the clock itself: a pod that started a moment ago.
+    async with with_pods(client, pods.warming_up(now=now_utc())) as controller:
         assert _cpu_status(client)["notReady"][0]["reason"] == "Starting"
-        assert ("ns", "demo") in fleet._rechecks
-        fleet.forget(("ns", "demo"))
-        assert not fleet._rechecks
+        assert controller.queue.delayed(("ns", "demo"))
+        controller.forget(("ns", "demo"))
+        assert not controller.queue.delayed(("ns", "demo"))
 
-    run(scenario())
+
+async def test_forgetting_a_service_forgets_its_pods() -> None:
+    client = RecordingClient()
+    async with with_pods(client, pods.image_pull_backoff("demo-cpu-abc12")) as controller:
+        controller.forget(("ns", "demo"))
+        controller.on_service_event("ADDED", owner(SPEC))
+        await settle(controller)
+    # Known again from scratch: no pod until the pod watch delivers one.
+    assert "notReady" not in client.statuses[-1]["pools"]["cpu"]
 
 
 def test_merge_patch_drops_a_pools_vanished_keys() -> None:

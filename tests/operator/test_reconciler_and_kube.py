@@ -6,8 +6,6 @@ from typing import Any
 
 import kopf
 import pytest
-from rembg_operator.config import OperatorConfig
-from rembg_operator.fleet import essence, merge_patch, parse_spec
 from rembg_operator.kube import (
     RESOURCES,
     ApiError,
@@ -16,7 +14,10 @@ from rembg_operator.kube import (
     resource_path,
 )
 from rembg_operator.rbac import RULES, build_cluster_role, build_namespaced_roles
-from rembg_operator.settings import configure_kopf
+from rembg_operator.reconciler import merge_patch, parse_spec
+from rembg_operator.settings import Settings
+from rembg_operator.startup import configure_kopf
+from rembg_operator.state import essence
 
 
 def test_parse_spec_valid() -> None:
@@ -202,7 +203,7 @@ def test_json_or_none() -> None:
 
 def test_kopf_settings_bound_every_watch_and_skip_the_diff_base() -> None:
     settings = kopf.OperatorSettings()
-    configure_kopf(settings, OperatorConfig(metrics_port=0, liveness_port=0))
+    configure_kopf(settings, Settings(metrics_port=0, liveness_port=0))
     assert settings.watching.server_timeout == 300
     assert settings.watching.client_timeout == 330
     assert settings.watching.inactivity_timeout == 90

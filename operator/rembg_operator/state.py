@@ -1,0 +1,243 @@
+"""What the operator remembers about each RembgService between events, in one place.
+
+Everything about one service lives in its ServiceState, found by the service's exact key
+(namespace, name); children are matched to it by their service label, never by name, so
+forgetting a service is dropping its state, and a service named `demo-cpu` is never
+confused with the `demo-cpu` Deployment of a service named `demo`.
+
+A child's "essence" (everything but status and server-managed metadata) is remembered as
+the operator's own last apply returned it: a watch event with the same essence is a status
+change (pods becoming ready), a different one an edit (drift), and a full reconcile follows
+only for the latter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rembg_operator.builders.children import Skipped
+from rembg_operator.builders.meta import SERVICE_LABEL
+from rembg_operator.pod_health import PodState
+
+Key = tuple[str, str]  # (namespace, name) of a RembgService
+ChildKey = tuple[str, str, str]  # (kind, namespace, name)
+
+# Annotations controllers write on our children; they are not drift.
+CONTROLLER_ANNOTATIONS = frozenset({"deployment.kubernetes.io/revision"})
+
+
+def essence(body: Mapping[str, Any]) -> str:
+    """A digest of what a child should look like: no status, no server bookkeeping."""
+    meta = body.get("metadata") or {}
+    annotations = {
+        k: v for k, v in (meta.get("annotations") or {}).items() if k not in CONTROLLER_ANNOTATIONS
+    }
+    relevant = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+    relevant["@labels"] = meta.get("labels") or {}
+    relevant["@annotations"] = annotations
+    relevant["@owners"] = meta.get("ownerReferences") or []
+    encoded = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(encoded, digest_size=16).hexdigest()
+
+
+def child_key(body: Mapping[str, Any]) -> ChildKey:
+    meta = body["metadata"]
+    return (str(body.get("kind")), str(meta.get("namespace")), str(meta["name"]))
+
+
+def owner_key(body: Mapping[str, Any]) -> Key | None:
+    """The service a child or pod belongs to, from its service label; None without one."""
+    meta = body.get("metadata") or {}
+    service = (meta.get("labels") or {}).get(SERVICE_LABEL)
+    if not service:
+        return None
+    return (str(meta.get("namespace")), str(service))
+
+
+def service_key(body: Mapping[str, Any]) -> Key:
+    meta = body["metadata"]
+    return (str(meta["namespace"]), str(meta["name"]))
+
+
+def slim_owner(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The RembgService as its children and Events need it, without status and managedFields."""
+    meta = body["metadata"]
+    return {
+        "apiVersion": body["apiVersion"],
+        "kind": body["kind"],
+        "metadata": {
+            k: meta[k]
+            for k in ("name", "namespace", "uid", "generation", "labels", "resourceVersion")
+            if meta.get(k) is not None
+        },
+        "spec": dict(body.get("spec") or {}),
+    }
+
+
+def identity(owner: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a RembgService its children depend on: a change needs a full reconcile."""
+    meta = owner["metadata"]
+    return (meta.get("uid"), meta.get("generation"), meta.get("labels"))
+
+
+def slim_deployment(body: Mapping[str, Any]) -> dict[str, Any]:
+    # Only what status needs: a few hundred bytes per Deployment, not the full object.
+    meta = body.get("metadata") or {}
+    return {
+        "metadata": {"generation": meta.get("generation")},
+        "spec": {"replicas": (body.get("spec") or {}).get("replicas", 1)},
+        "status": body.get("status") or {},
+    }
+
+
+@dataclass(frozen=True)
+class PoolTarget:
+    """A pool as status sees it: its Deployment and what counts as ready."""
+
+    pool: str
+    deployment: str
+    required: bool = True
+    minimum: int = 0
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the last full reconcile learnt; status-only refreshes reuse it."""
+
+    generation: int
+    endpoint: str
+    models: tuple[str, ...] = ()
+    pools: tuple[PoolTarget, ...] = ()
+    spec_problems: tuple[str, ...] = ()
+    apply_errors: tuple[str, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    monitoring_enabled: bool = True
+    autoscaling_enabled: bool = True
+    has_gpu_pool: bool = False
+    gpu_capacity: int | None = None
+    gpu_fallback_active: bool = False
+    inventory: tuple[tuple[str, str, str], ...] = ()  # (apiVersion, kind, name)
+
+
+@dataclass
+class ServiceState:
+    """One RembgService: its last body, what its last reconcile learnt, its children and pods."""
+
+    owner: dict[str, Any]
+    status: dict[str, Any] = field(default_factory=dict)
+    record: Record | None = None
+    # Children by (kind, namespace, name): the essence of what the operator last applied.
+    children: dict[ChildKey, str] = field(default_factory=dict)
+    deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> slim
+    # Watch events delivered per Deployment name: an apply answer is only as new as its send.
+    deployment_events: Counter[str] = field(default_factory=Counter)
+    pods: dict[str, PodState] = field(default_factory=dict)
+    events_posted: dict[str, str] = field(default_factory=dict)  # reason -> message
+    pod_events_posted: set[tuple[str, str]] = field(default_factory=set)  # (pod, reason)
+    # The next run's kind: a full reconcile, else a status refresh.
+    wants_full: bool = True
+    # Child events that came during a full reconcile: judged once its applies returned.
+    reconciling: bool = False
+    deferred: dict[ChildKey, str | None] = field(default_factory=dict)
+
+    @property
+    def key(self) -> Key:
+        return service_key(self.owner)
+
+    def needs_full(self, child: ChildKey, seen: str | None) -> bool:
+        """Does a child event (seen = its essence, None when deleted) call for a full reconcile?"""
+        known = self.children.get(child)
+        if seen is None:
+            # Deleted: repair unless we pruned it ourselves (then we forgot it already).
+            return known is not None
+        return known != seen
+
+    def observe_child(self, body: Mapping[str, Any], *, deleted: bool) -> None:
+        """A watch event of a child: keep what status reads (the Deployments)."""
+        kind, _, name = child_key(body)
+        if kind != "Deployment":
+            return
+        self.deployment_events[name] += 1
+        if deleted:
+            self.deployments.pop(name, None)
+        else:
+            self.deployments[name] = slim_deployment(body)
+
+    def observe_applied(self, stored: Mapping[str, Any], events_before: int) -> None:
+        """Our own apply returned `stored`; `events_before` counted its watch events at send."""
+        self.children[child_key(stored)] = essence(stored)
+        kind, _, name = child_key(stored)
+        if kind == "Deployment" and self.deployment_events[name] == events_before:
+            # Not when a watch event came in meanwhile: it may be newer than this answer (a
+            # pod turned Ready after the apply), and the watch delivers every later change,
+            # while an older status kept here would stay until the next event, maybe never.
+            self.deployments[name] = slim_deployment(stored)
+
+    def forget_child(self, child: ChildKey) -> None:
+        self.children.pop(child, None)
+        if child[0] == "Deployment":
+            self.deployments.pop(child[2], None)
+
+    def children_of_kind(self, kind: str) -> Iterator[ChildKey]:
+        return (child for child in self.children if child[0] == kind)
+
+
+class Services:
+    """Every RembgService this operator manages, by key; forget() is the one way to let go."""
+
+    def __init__(self) -> None:
+        self._states: dict[Key, ServiceState] = {}
+        # Pods listed before their service (the pod listing may come first at start-up).
+        self._early_pods: dict[Key, dict[str, PodState]] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._states
+
+    def __iter__(self) -> Iterator[ServiceState]:
+        return iter(list(self._states.values()))
+
+    def keys(self) -> list[Key]:
+        return list(self._states)
+
+    def get(self, key: Key) -> ServiceState | None:
+        return self._states.get(key)
+
+    def remember(self, body: Mapping[str, Any]) -> tuple[ServiceState, bool]:
+        """Keep the service's latest body; True when its children depend on what changed."""
+        key = service_key(body)
+        owner = slim_owner(body)
+        state = self._states.get(key)
+        if state is None:
+            state = ServiceState(owner=owner, pods=self._early_pods.pop(key, {}))
+            self._states[key] = state
+            changed = True
+        else:
+            changed = identity(state.owner) != identity(owner)
+            state.owner = owner
+        state.status = dict(body.get("status") or {})
+        return state, changed
+
+    def forget(self, key: Key) -> None:
+        self._states.pop(key, None)
+        self._early_pods.pop(key, None)
+
+    def observe_pod(self, key: Key, pod: PodState, *, deleted: bool) -> bool:
+        """Keep a pod of a pool; True when what status reads of it changed."""
+        state = self._states.get(key)
+        pods = state.pods if state is not None else self._early_pods.setdefault(key, {})
+        if deleted:
+            changed = pods.pop(pod.name, None) is not None
+        else:
+            changed = pods.get(pod.name) != pod
+            pods[pod.name] = pod
+        if state is None and not pods:
+            self._early_pods.pop(key, None)
+        return changed and state is not None

@@ -1,0 +1,408 @@
+"""The controller's decisions: which events cause applies, which only refresh status, that an
+invalid spec never touches children, and that no deleted child goes unrepaired."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import pytest
+from rembg_operator.builders.meta import SERVICE_LABEL
+from rembg_operator.controller import Controller
+
+from tests.operator.controller_support import (
+    RecordingClient,
+    conditions,
+    created,
+    deployment_manifest_for,
+    owner,
+    ready_deployment,
+    running,
+    settle,
+    stored_child,
+    until,
+)
+
+pytestmark = pytest.mark.anyio
+
+CHILD_KINDS = [
+    "Deployment",
+    "HorizontalPodAutoscaler",
+    "PodDisruptionBudget",
+    "PrometheusRule",
+    "Service",
+    "ServiceMonitor",
+]
+
+
+async def test_full_reconcile_applies_every_child_and_writes_status() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+    assert sorted(c[1] for c in client.applies()) == CHILD_KINDS
+    (status,) = client.statuses
+    assert status["observedGeneration"] == 1
+    assert {i["kind"] for i in status["inventory"]} == set(CHILD_KINDS)
+    assert ("Applied", "generation 1 applied") in client.events
+
+
+async def test_applied_children_are_owned_by_the_service() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+    for stored in client.stored.values():
+        (ref,) = stored["metadata"]["ownerReferences"]
+        assert ref["uid"] == "u-demo"
+        assert ref["controller"] is True
+
+
+async def test_status_only_child_event_does_not_reapply() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        controller.on_child_event("MODIFIED", ready_deployment(owner({"cpu": {}})))
+        await settle(controller)
+        assert len(client.applies()) == applied
+        assert conditions(client.statuses[-1])["Ready"]["status"] == "True"
+
+
+async def test_child_status_change_during_a_full_reconcile_reaches_status() -> None:
+    """A pod turning Ready while the full reconcile runs (after its status write) must still
+    be reported: regression for a RembgService stuck at `cpu 1/2 ready`."""
+    pending = [ready_deployment(owner({"cpu": {}}))]
+    controllers: list[Controller] = []
+
+    class EventDuringReconcile(RecordingClient):
+        async def post_event(self, owner: Any, *, warning: bool, reason: str, message: str) -> None:
+            await super().post_event(owner, warning=warning, reason=reason, message=message)
+            if pending:
+                controllers[0].on_child_event("MODIFIED", pending.pop())
+
+    client = EventDuringReconcile()
+    async with running(client) as controller:
+        controllers.append(controller)
+        await created(controller, {"cpu": {}})
+        assert not pending, "the event was not delivered mid-reconcile"
+        await settle(controller)
+        assert conditions(client.statuses[-1])["Ready"]["status"] == "True"
+
+
+async def test_edited_child_is_reapplied() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        edited = stored_child(client, "Deployment", "demo-cpu")
+        edited["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+        controller.on_child_event("MODIFIED", edited)
+        await settle(controller)
+        assert len(client.applies()) == 2 * applied
+
+
+async def test_deleted_child_is_reapplied_but_pruned_one_is_not() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        gone = stored_child(client, "Deployment", "demo-cpu")
+        controller.on_child_event("DELETED", gone)
+        await settle(controller)
+        assert len(client.applies()) == 2 * applied
+        stranger = copy.deepcopy(gone)
+        stranger["metadata"]["name"] = "demo-gpu"
+        controller.on_child_event("DELETED", stranger)
+        await settle(controller)
+        assert len(client.applies()) == 2 * applied
+
+
+async def test_forgetting_a_service_keeps_a_service_whose_name_it_prefixes() -> None:
+    """Regression: forgetting `demo` dropped what was known of `demo-cpu`'s children (matched
+    by name prefix), so a later deletion of `demo-cpu`'s Deployment was never repaired."""
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}}, name="demo")
+        await created(controller, {"cpu": {}}, name="demo-cpu")
+        controller.on_service_event("DELETED", owner({"cpu": {}}, name="demo"))
+        applied = len(client.applies())
+        controller.on_child_event("DELETED", stored_child(client, "Deployment", "demo-cpu-cpu"))
+        await settle(controller)
+        assert ("apply", "Deployment", "demo-cpu-cpu") in client.applies()[applied:]
+        assert len(client.applies()) == applied + len(CHILD_KINDS)
+
+
+async def test_children_deleted_while_no_watch_saw_it_are_found_and_repaired() -> None:
+    """Regression: children deleted while the watches reconnected were never restored (no
+    event), and status kept saying Ready. The audit lists them and repairs what is gone."""
+    client = RecordingClient()
+    async with running(client, audit_seconds=0.2) as controller:
+        await created(controller, {"cpu": {}})
+        controller.on_child_event("MODIFIED", ready_deployment(owner({"cpu": {}})))
+        await settle(controller)
+        applied = len(client.applies())
+        for kind, name in (
+            ("Deployment", "demo-cpu"),
+            ("Service", "demo"),
+            ("HorizontalPodAutoscaler", "demo-cpu"),
+        ):
+            client.vanish(kind, "ns", name)
+        await until(lambda: ("Deployment", "ns", "demo-cpu") in client.stored)
+        await settle(controller)
+        repaired = {(c[1], c[2]) for c in client.applies()[applied:]}
+        assert {("Deployment", "demo-cpu"), ("Service", "demo")} <= repaired
+        assert ("HorizontalPodAutoscaler", "demo-cpu") in repaired
+        # Until its pods are ready again, the restored Deployment is not Ready.
+        assert conditions(client.statuses[-1])["Ready"]["status"] == "False"
+
+
+async def test_a_relist_of_a_known_service_audits_at_once() -> None:
+    client = RecordingClient()
+    async with running(client, audit_seconds=3600) as controller:
+        await created(controller, {"cpu": {}})
+        client.vanish("PodDisruptionBudget", "ns", "demo-cpu")
+        lists = len([c for c in client.calls if c[0] == "list"])
+        controller.on_service_event(None, owner({"cpu": {}}, status=client.statuses[-1]))
+        await until(lambda: ("PodDisruptionBudget", "ns", "demo-cpu") in client.stored)
+        assert len([c for c in client.calls if c[0] == "list"]) > lists
+
+
+async def test_the_audit_leaves_children_that_exist_alone() -> None:
+    client = RecordingClient()
+    async with running(client, audit_seconds=3600) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        assert await controller.audit() == 0
+        await settle(controller)
+        assert len(client.applies()) == applied
+        assert {c[1] for c in client.calls if c[0] == "list"} == set(CHILD_KINDS)
+
+
+async def test_removed_pool_is_pruned() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}, "gpu": {}})
+        controller.on_service_event(
+            "MODIFIED", owner({"cpu": {}}, generation=2, status=client.statuses[-1])
+        )
+        await settle(controller)
+    deleted = sorted((c[1], c[2]) for c in client.deletes())
+    assert deleted == [
+        ("Deployment", "demo-gpu"),
+        ("HorizontalPodAutoscaler", "demo-gpu"),
+        ("PodDisruptionBudget", "demo-gpu"),
+    ]
+
+
+async def test_invalid_spec_touches_no_child_and_reports() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        bad = {"cpu": {"resources": {"requests": {"cpu": "4"}, "limits": {"cpu": "2"}}}}
+        controller.on_service_event(
+            "MODIFIED", owner(bad, generation=2, status=client.statuses[-1])
+        )
+        await settle(controller)
+        assert len(client.applies()) == applied
+        assert not client.deletes()
+    found = conditions(client.statuses[-1])
+    assert found["Degraded"]["reason"] == "InvalidSpec"
+    assert found["Stalled"]["status"] == "True"
+    assert client.statuses[-1]["observedGeneration"] == 2
+    assert client.events[-1][0] == "InvalidSpec"
+    # The status still describes the running pool.
+    assert "cpu" in client.statuses[-1]["pools"]
+
+
+async def test_failed_apply_is_reported_retried_and_never_pruned() -> None:
+    client = RecordingClient()
+    client.fail_kinds = {"Service"}
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        assert controller.queue.failures(("ns", "demo")) == 1
+        found = conditions(client.statuses[-1])
+        assert found["Degraded"]["reason"] == "ApplyFailed"
+        assert "Service" in {i["kind"] for i in client.statuses[-1]["inventory"]}
+        assert not client.deletes()
+        assert client.events[-1][0] == "ApplyFailed"
+        # The retry (after the first backoff delay) applies again; it succeeds once etcd does.
+        client.fail_kinds = set()
+        services = len([c for c in client.applies() if c[1] == "Service"])
+        await until(lambda: len([c for c in client.applies() if c[1] == "Service"]) > services)
+        await settle(controller)
+        assert controller.queue.failures(("ns", "demo")) == 0
+        assert "Degraded" not in {
+            t for t, c in conditions(client.statuses[-1]).items() if c["status"] == "True"
+        }
+
+
+async def test_monitoring_absent_is_skipped_not_failed() -> None:
+    client = RecordingClient(monitoring=False)
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+    kinds = {c[1] for c in client.applies()}
+    assert "ServiceMonitor" not in kinds
+    reasons = {c["reason"] for c in client.statuses[-1]["unavailableChildren"]}
+    assert reasons == {"CrdMissing"}
+
+
+async def test_unchanged_status_is_not_rewritten() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        writes = len(client.statuses)
+        controller.request(("ns", "demo"), full=False)
+        await settle(controller)
+        assert len(client.statuses) == writes
+
+
+async def test_events_for_other_services_are_ignored() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        other = stored_child(client, "Deployment", "demo-cpu")
+        other["metadata"]["labels"][SERVICE_LABEL] = "someone-else"
+        other["metadata"]["name"] = "someone-else-cpu"
+        controller.on_child_event("DELETED", other)
+        await settle(controller)
+        assert len(client.applies()) == applied
+
+
+async def test_service_events_reconcile_new_services_and_spec_changes_only() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        controller.on_service_event(None, owner({"cpu": {}}))  # listed at start-up: resume
+        await settle(controller)
+        applied = len(client.applies())
+        assert applied == len(CHILD_KINDS)
+        # The echo of our own status write: same generation, nothing to do.
+        controller.on_service_event("MODIFIED", owner({"cpu": {}}, status=client.statuses[-1]))
+        await settle(controller)
+        assert len(client.applies()) == applied
+        controller.on_service_event("MODIFIED", owner({"cpu": {"maxReplicas": 5}}, generation=2))
+        await settle(controller)
+        assert len(client.applies()) == 2 * applied
+        # New labels: kopf.adopt copies them to every child.
+        labelled = owner({"cpu": {"maxReplicas": 5}}, generation=2)
+        labelled["metadata"]["labels"] = {"team": "vision"}
+        controller.on_service_event("MODIFIED", labelled)
+        await settle(controller)
+        assert len(client.applies()) == 3 * applied
+
+
+async def test_service_being_deleted_is_let_go_not_repaired() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        deleting = owner({"cpu": {}}, generation=2)
+        deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        controller.on_service_event("MODIFIED", deleting)
+        # The garbage collector deletes the children (foreground deletion): no repair.
+        controller.on_child_event("DELETED", deployment_manifest_for(owner({"cpu": {}})))
+        await settle(controller)
+        assert len(client.applies()) == applied
+        assert ("ns", "demo") not in controller.services
+        controller.on_service_event("DELETED", deleting)
+        assert ("ns", "demo") not in controller.services
+
+
+class GatedServiceClient(RecordingClient):
+    """Holds every Service apply until released, to see what else runs meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def apply(self, manifest: Any) -> dict[str, Any]:
+        stored = await super().apply(manifest)
+        if manifest["kind"] == "Service":
+            await self.release.wait()
+        return stored
+
+
+async def test_service_creation_goes_before_every_other_write() -> None:
+    client = GatedServiceClient()
+    async with running(client) as controller:
+        controller.on_service_event("ADDED", owner({"cpu": {}}))
+        await until(lambda: bool(client.applies()))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        # The Service is being created: nothing else has been sent meanwhile.
+        assert [c[1] for c in client.applies()] == ["Service"]
+        client.release.set()
+        await settle(controller)
+        assert len(client.applies()) == len(CHILD_KINDS)
+        assert client.statuses
+
+
+async def test_existing_service_does_not_hold_up_the_other_children() -> None:
+    client = GatedServiceClient()
+    client.release.set()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        client.release.clear()
+        controller.request(("ns", "demo"), full=True)
+        # Applying a Service that exists allocates nothing: the rest goes alongside.
+        await until(lambda: len(client.applies()) == 2 * len(CHILD_KINDS))
+        client.release.set()
+        await settle(controller)
+
+
+async def test_watch_event_newer_than_an_apply_answer_is_kept() -> None:
+    """A pod turning Ready while the Deployment's apply is answered: the event (newer) must
+    win over the answer (older), or the status stays at `cpu 0/1 ready` for good."""
+    ready: list[dict[str, Any]] = []
+    controllers: list[Controller] = []
+
+    class ReadyDuringApply(RecordingClient):
+        async def apply(self, manifest: Any) -> dict[str, Any]:
+            stored = await super().apply(manifest)
+            if manifest["kind"] == "Deployment" and ready:
+                controllers[0].on_child_event("MODIFIED", ready.pop())
+            return stored  # as committed before the pod turned Ready
+
+    client = ReadyDuringApply()
+    async with running(client) as controller:
+        controllers.append(controller)
+        await created(controller, {"cpu": {}})
+        ready.append(ready_deployment(owner({"cpu": {}})))
+        controller.request(("ns", "demo"), full=True)
+        await settle(controller)
+        assert not ready
+        assert conditions(client.statuses[-1])["Ready"]["status"] == "True"
+
+
+async def test_one_pass_per_service_at_a_time_and_none_lost() -> None:
+    """Events during a pass run one more pass after it, never a second one beside it."""
+    overlapping: list[bool] = []
+    inside = asyncio.Event()
+    release = asyncio.Event()
+
+    class Slow(RecordingClient):
+        running_now = 0
+
+        async def patch_status(self, namespace: str, name: str, status: Any) -> None:
+            Slow.running_now += 1
+            overlapping.append(Slow.running_now > 1)
+            inside.set()
+            await release.wait()
+            await super().patch_status(namespace, name, status)
+            Slow.running_now -= 1
+
+    client = Slow()
+    async with running(client) as controller:
+        controller.on_service_event("ADDED", owner({"cpu": {}}))
+        await inside.wait()
+        for generation in (2, 3, 4):
+            controller.on_service_event(
+                "MODIFIED", owner({"cpu": {"maxReplicas": generation}}, generation=generation)
+            )
+        release.set()
+        await settle(controller)
+    assert not any(overlapping)
+    # The first pass, then one more for the three changes that came during it.
+    assert len(client.applies()) == 2 * len(CHILD_KINDS)
+    assert client.statuses[-1]["observedGeneration"] == 4
