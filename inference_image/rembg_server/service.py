@@ -14,7 +14,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -141,10 +140,6 @@ class RemovalService:
         # Replaced on every release: whoever waits on the current one wakes at the next free
         # slot (a broadcast; the job workers use it to compete for room with new requests).
         self._vacancy = asyncio.Event()
-        # Pillow's own bomb guard at our limit; larger headers raise DecompressionBombError in
-        # probe(). The in-between warning is redundant with our explicit check.
-        Image.MAX_IMAGE_PIXELS = settings.max_pixels
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -246,7 +241,7 @@ class RemovalService:
             try:
                 data = path.read_bytes()
                 probe(data, self.settings.max_pixels)
-                images.append(decode(data))
+                images.append(decode(data, self.settings.max_pixels))
             except (OSError, ImageRejectedError) as error:
                 log.warning(
                     "warmup image skipped",
@@ -461,10 +456,9 @@ class RemovalService:
         )
         return RemovalResult(body, MEDIA_TYPES[request.output], request.model, header, timings)
 
-    @staticmethod
-    def _decode(data: bytes) -> Image.Image:
+    def _decode(self, data: bytes) -> Image.Image:
         try:
-            return decode(data)
+            return decode(data, self.settings.max_pixels)
         except ImageRejectedError as error:
             raise RequestRejectedError(error.status, error.message) from error
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from rembg import new_session, remove
+from rembg_server.imaging import TooManyPixelsError, decode
 
 TOLERANCE = 1 / 255
 pytestmark = pytest.mark.anyio
@@ -220,6 +221,27 @@ async def test_bad_input_gets_the_right_4xx_and_server_stays_healthy(
     assert response.json()["detail"]
     assert (await client.get("/livez")).status_code == 200
     assert (await client.get("/readyz")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(8000, 8000), (100_000, 100_000)],
+    ids=["over our limit", "over Pillow's own threshold too"],
+)
+async def test_a_pixel_bomb_is_refused_quoting_our_limit_and_its_pixel_count(
+    client: httpx.AsyncClient, width: int, height: int
+) -> None:
+    response = await client.post("/v1/remove", content=png_header_only(width, height))
+    assert response.status_code == 413
+    detail = response.json()["detail"]
+    assert f"{width}x{height} = {width * height} pixels" in detail
+    assert "limit of 40000000 pixels (REMBG_MAX_PIXELS)" in detail
+    assert "80000000" not in detail  # Pillow's internal threshold (twice its own limit)
+
+
+def test_decode_refuses_a_header_over_the_limit_before_decoding_it() -> None:
+    with pytest.raises(TooManyPixelsError, match=r"64x64 = 4096 pixels .* limit of 4000 pixels"):
+        decode(png_header_only(64, 64), max_pixels=4000)
 
 
 @pytest.mark.parametrize(
