@@ -275,14 +275,21 @@ class RemovalService:
         self._cpu.shutdown(wait=True, cancel_futures=True)
 
     def readiness(self) -> tuple[bool, list[str]]:
+        """Whether new traffic should be routed here (/readyz): servable and not draining."""
+        _, reasons = self.serving()
+        if self._draining:
+            reasons.append("draining: shutting down")
+        return not reasons and self._prepared, reasons
+
+    def serving(self) -> tuple[bool, list[str]]:
+        """Whether removal requests are served. Draining does not stop that: the drain delay
+        exists so that requests routed here before the endpoint removal propagates succeed."""
         reasons = [f"{name}: not servable: {reason}" for name, reason in self.failures.items()]
         if self._warming is not None:
             reasons.append(f"warming up {self._warming}")
         elif not self._prepared and not reasons:
             reasons.append("loading models")
         reasons.extend(self._health_problems.values())
-        if self._draining:
-            reasons.append("draining: shutting down")
         return not reasons and self._prepared, reasons
 
     def liveness(self) -> tuple[bool, list[str]]:
@@ -330,8 +337,8 @@ class RemovalService:
         """
         if request.model not in self.settings.models:
             raise RequestRejectedError(400, self._unknown_model_message(request.model))
-        ready, reasons = self.readiness()
-        if not ready:
+        serving, reasons = self.serving()
+        if not serving:
             raise RequestRejectedError(
                 503, "not ready: " + "; ".join(reasons), {"Retry-After": "5"}
             )

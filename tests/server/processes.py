@@ -116,6 +116,42 @@ def _readyz(server: ServerProcess) -> int | None:
     return status
 
 
+def connect(server: ServerProcess) -> socket.socket:
+    """A raw TCP connection to the server, for what an HTTP client library will not send."""
+    host, port = server.url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def accepting(server: ServerProcess) -> bool:
+    """Whether the server still accepts TCP connections."""
+    try:
+        connect(server).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
+def upload_head(content_length: int, request_id: str, path: str = "/v1/remove") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: server\r\nContent-Type: image/jpeg\r\n"
+        f"Content-Length: {content_length}\r\nX-Request-ID: {request_id}\r\n\r\n"
+    ).encode()
+
+
+def read_status(sock: socket.socket) -> int | None:
+    """The status code of the response on `sock`, read until the server closes it; None when
+    it closes (or resets) without answering."""
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    if not received.startswith(b"HTTP/1.1 "):
+        return None
+    return int(received.split(b" ", 2)[1])
+
+
 @dataclass
 class RedisServer:
     """A real redis-server on 127.0.0.1, durable the way the job path documents: AOF with

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.anyio
 Metric = Callable[..., Awaitable[float]]
 
 
-async def test_not_ready_before_warmup_then_ready_then_draining(
-    app_factory: Callable[..., Any], metric: Metric
+async def test_not_ready_before_warmup_then_ready_then_draining_but_still_serving(
+    app_factory: Callable[..., Any], metric: Metric, photos: dict[str, bytes]
 ) -> None:
     async with app_factory(prepare=False) as client:
         response = await client.get("/readyz")
@@ -41,6 +41,8 @@ async def test_not_ready_before_warmup_then_ready_then_draining(
         assert response.status_code == 503
         assert response.json()["reasons"] == ["draining: shutting down"]
         assert await metric(client, "rembg_ready", model="u2netp") == 0
+        # Requests routed here before the endpoint removal propagated are still served.
+        assert (await client.post("/v1/remove", content=photos["coffee"])).status_code == 200
 
 
 async def test_removal_before_ready_is_503_with_retry_after(

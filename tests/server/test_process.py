@@ -12,7 +12,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.processes import ServerProcess, start_server, wait_for
+from tests.server.processes import (
+    ServerProcess,
+    accepting,
+    connect,
+    read_status,
+    start_server,
+    upload_head,
+    wait_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +88,10 @@ def test_a_client_that_hangs_up_while_queued_costs_no_inference(
     assert server.metric("rembg_batch_size_count", **labels) == batches_before + 4
 
 
-def upload_part_then_hang_up(url: str, request_id: str) -> None:
+def upload_part_then_hang_up(server: ServerProcess, request_id: str) -> None:
     """Headers announcing 100000 bytes, a few of them, then close: a client that gave up."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        head = (
-            f"POST /v1/remove HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
-            f"Content-Length: 100000\r\nX-Request-ID: {request_id}\r\n\r\n"
-        )
-        sock.sendall(head.encode() + b"\xff\xd8\xff\xe0" * 4)
+    with connect(server) as sock:
+        sock.sendall(upload_head(100_000, request_id) + b"\xff\xd8\xff\xe0" * 4)
 
 
 def test_a_client_that_hangs_up_mid_upload_is_one_info_line_and_a_499_not_a_500(
@@ -96,7 +99,7 @@ def test_a_client_that_hangs_up_mid_upload_is_one_info_line_and_a_499_not_a_500(
 ) -> None:
     labels = {"model": "u2netp", "device": "cpu"}
     left_before = server.metric("rembg_requests_total", code="499", **labels)
-    upload_part_then_hang_up(server.url, "hang-up-mid-upload")
+    upload_part_then_hang_up(server, "hang-up-mid-upload")
     wait_for(lambda: "hang-up-mid-upload" in server.log.read_text(), what="the hang-up's log line")
     entries = [json.loads(line) for line in server.log_lines()]
     [entry] = [e for e in entries if e.get("request_id") == "hang-up-mid-upload"]
@@ -129,6 +132,34 @@ def test_sigterm_turns_unready_finishes_in_flight_work_and_exits(
                 what="readyz turning 503 during the drain delay",
             )
             assert [future.result().status_code for future in in_flight] == [200] * 3
+        assert server.process.wait(timeout=60) == 0
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_during_the_drain_delay_requests_are_served_then_the_listener_closes_and_it_exits_0(
+    model_dir: Path, tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    """The delay is there so requests routed here before the endpoint removal propagates still
+    succeed: only /readyz says 503. Then new connections are refused, and an upload still in
+    flight is finished and answered before the process exits."""
+    server = start_server(model_dir, tmp_path, REMBG_DRAIN_DELAY_SECONDS="4")
+    body = photos["coffee"]
+    try:
+        with connect(server) as slow:
+            slow.sendall(upload_head(len(body), "spans-the-drain") + body[:1000])
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(
+                lambda: httpx.get(f"{server.url}/readyz", timeout=5).status_code == 503,
+                what="readyz turning 503 during the drain delay",
+            )
+            routed_late = post(server.url, body)
+            assert routed_late.status_code == 200, routed_late.text
+            wait_for(lambda: not accepting(server), what="the listener closing after the delay")
+            assert server.process.poll() is None  # the slow upload is still in flight
+            slow.sendall(body[1000:])
+            assert read_status(slow) == 200
         assert server.process.wait(timeout=60) == 0
         assert "Traceback" not in server.log.read_text()
     finally:
