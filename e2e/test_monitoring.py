@@ -109,9 +109,8 @@ MONITORING = {
     "alerts": ALERT_THRESHOLDS,
 }
 SMALL = {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
-# One CPU admitting 4 requests, one image a batch: overload means a full queue and 429s (the
-# CRD's defaults, 64 admitted and batches of 8, would hold eight 1080p images at once and run
-# a 2Gi pod out of memory first).
+# One CPU admitting 4 requests (the server's default for one CPU is 2: 4 makes the queue
+# visible before 429s start), one image a batch: overload means a full queue and 429s.
 SERVER = {
     "drainSeconds": 1,
     "queueMaxRequests": 4,

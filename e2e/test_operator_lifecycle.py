@@ -201,7 +201,9 @@ def test_spec_update_rolls_only_the_changed_pool(
     container = cpu_after["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["cpu"] == "3"
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env["REMBG_THREADS"] == "3"
+    # Threads and queue stay the server's to size, from the new limit (its cgroup quota).
+    assert "REMBG_THREADS" not in env
+    assert "REMBG_QUEUE_MAX_REQUESTS" not in env
     wait_ready(cluster, namespace, "fleet")
     service = get(cluster, namespace, "rembgservice", "fleet")
     assert service is not None

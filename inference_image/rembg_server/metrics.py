@@ -62,6 +62,12 @@ class ServerMetrics:
             LABELS,
             registry=registry,
         )
+        self.queue_limit_requests = Gauge(
+            "rembg_queue_limit_requests",
+            "Removal requests admitted at once before 429 (REMBG_QUEUE_MAX_REQUESTS, resolved): "
+            "the denominator of queue saturation.",
+            registry=registry,
+        )
         self.warmup_seconds = Gauge(
             "rembg_warmup_seconds",
             "Time spent warming each model before readiness.",

@@ -118,6 +118,7 @@ class RemovalService:
         self.budget = AdmissionBudget(
             settings.resolved_queue_max_requests(), settings.queue_max_megapixels
         )
+        metrics.queue_limit_requests.set(settings.resolved_queue_max_requests())
         self.cache = ResultCache(settings.cache_max_bytes)
         self.faults = FaultSchedule(settings.fault_error_ratio)
         # Decode/resize/encode threads yield to inference: a parallel onnxruntime section

@@ -173,8 +173,9 @@ class Resources(SpecModel):
     limits: dict[str, Quantity] = Field(
         default_factory=dict,
         description=(
-            "Maximum resources. The CPU limit also sets the onnxruntime thread count "
-            "(REMBG_THREADS) unless server.threads is set."
+            "Maximum resources. The server sizes its onnxruntime threads and admission queue "
+            "from the CPU limit (its cgroup quota) unless server.threads / "
+            "server.queueMaxRequests are set."
         ),
     )
 
@@ -444,42 +445,94 @@ class CanarySettings(SpecModel):
         return self.timeout_seconds
 
 
+# The server's own defaults that the operator's other children depend on: the grace period
+# covers the longest request. A unit test checks these against the server's settings.
+SERVER_REQUEST_TIMEOUT_SECONDS = 60.0
+
+
+def _server_default(env: str, default: str) -> str:
+    return f"Unset: the server's default, {default} ({env} is left out of the pod)."
+
+
 class ServerSettings(SpecModel):
-    """Inference server settings, passed to the pods as REMBG_* environment variables."""
+    """Inference server settings, passed to the pods as REMBG_* environment variables.
+
+    A field left unset stays out of the pod environment, so the server's own default (one
+    source, in the server, with the tuning it was benchmarked with) applies.
+    """
 
     port: int = Field(default=8080, ge=1024, le=65535, description="Container port (REMBG_PORT).")
     threads: int | None = Field(
         default=None,
         ge=1,
         le=256,
-        description="onnxruntime intra-op threads; defaults to the pool's CPU limit (rounded up).",
+        description="onnxruntime intra-op threads (REMBG_THREADS). "
+        + _server_default("REMBG_THREADS", "the pod's CPU limit (its cgroup quota)"),
     )
-    max_body_bytes: int = Field(
-        default=20 * 1024 * 1024,
+    max_body_bytes: int | None = Field(
+        default=None,
         ge=1024,
-        description="Largest request body (REMBG_MAX_BODY_BYTES).",
+        description="Largest request body. " + _server_default("REMBG_MAX_BODY_BYTES", "20 MiB"),
     )
-    max_pixels: int = Field(
-        default=40_000_000, ge=1, description="Largest decoded image (REMBG_MAX_PIXELS)."
+    max_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest decoded image. " + _server_default("REMBG_MAX_PIXELS", "40000000"),
     )
-    queue_max_requests: int = Field(
-        default=64, ge=1, description="Requests admitted before 429 (REMBG_QUEUE_MAX_REQUESTS)."
+    queue_max_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests admitted at once before 429. "
+        + _server_default("REMBG_QUEUE_MAX_REQUESTS", "2 per CPU of the pod's limit"),
     )
-    queue_max_megapixels: float = Field(
-        default=256.0, gt=0, description="Megapixels admitted before 429."
+    queue_max_megapixels: float | None = Field(
+        default=None,
+        gt=0,
+        description="Megapixels admitted at once before 429. "
+        + _server_default("REMBG_QUEUE_MAX_MEGAPIXELS", "200"),
     )
-    request_timeout_seconds: float = Field(
-        default=60.0, gt=0, le=3600, description="Per-request deadline."
+    request_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="Per-request deadline; the pods' grace period covers it. "
+        + _server_default("REMBG_REQUEST_TIMEOUT_SECONDS", f"{SERVER_REQUEST_TIMEOUT_SECONDS:g}"),
     )
-    batch_max_size: int = Field(default=8, ge=1, le=256, description="Largest micro-batch.")
-    batch_max_wait_ms: int = Field(
-        default=5, ge=0, le=10_000, description="Longest wait to fill a micro-batch."
+    batch_max_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Largest micro-batch. " + _server_default("REMBG_BATCH_MAX_SIZE", "1"),
     )
-    warmup_runs: int = Field(default=2, ge=0, le=100, description="Inferences before /readyz.")
-    log_format: Literal["json", "text"] = Field(default="json", description="Server log format.")
-    alpha_matting_enabled: bool = Field(
-        default=False, description="Allow the (slow) alpha matting option."
+    batch_max_wait_ms: int | None = Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="Longest wait to fill a micro-batch. "
+        + _server_default("REMBG_BATCH_MAX_WAIT_MS", "5"),
     )
+    warmup_runs: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Inferences before /readyz. " + _server_default("REMBG_WARMUP_RUNS", "2"),
+    )
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="Server log format. " + _server_default("REMBG_LOG_FORMAT", "json"),
+    )
+    alpha_matting_enabled: bool | None = Field(
+        default=None,
+        description="Allow the (slow) alpha matting option. "
+        + _server_default("REMBG_ALPHA_MATTING_ENABLED", "false"),
+    )
+
+    @property
+    def effective_request_timeout_seconds(self) -> float:
+        if self.request_timeout_seconds is None:
+            return SERVER_REQUEST_TIMEOUT_SECONDS
+        return self.request_timeout_seconds
+
     startup_timeout_seconds: int = Field(
         default=600,
         ge=10,
@@ -529,7 +582,10 @@ class AlertThresholds(SpecModel):
         default=0.8,
         gt=0,
         le=1,
-        description="Pending requests / queueMaxRequests that fires RembgQueueSaturated.",
+        description=(
+            "Pending requests / the pod's admission limit (rembg_queue_limit_requests) "
+            "that fires RembgQueueSaturated."
+        ),
     )
     queue_saturation_for: Duration = Field(
         default="5m", description="`for` of RembgQueueSaturated."
@@ -853,7 +909,8 @@ def semantic_problems(spec: RembgServiceSpec) -> list[str]:
     for pool_name, pool in (("gpu", spec.gpu), ("cpu", spec.cpu)):
         if pool is not None:
             problems.extend(_resource_problems(pool_name, pool.resources))
-    if spec.server.batch_max_size > spec.server.queue_max_requests:
+    batch, queue = spec.server.batch_max_size, spec.server.queue_max_requests
+    if batch is not None and queue is not None and batch > queue:
         problems.append(
             f"server.batchMaxSize ({spec.server.batch_max_size}) exceeds "
             f"server.queueMaxRequests ({spec.server.queue_max_requests}): batches can never fill"

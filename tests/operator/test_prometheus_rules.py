@@ -29,7 +29,6 @@ REF = ServiceRef(name="demo", namespace="team-a")
 SPEC = make_spec(
     cpu={},
     gpu={},
-    server={"queueMaxRequests": 64},
     monitoring={
         "alerts": {
             "errorRatio": 0.05,
@@ -425,11 +424,28 @@ def _pending_record(pod: str) -> str:
     return f'rembg:pending_requests:sum_by_pod{{{SERVICE},pool="cpu",pod="{pod}"}}'
 
 
+def _limit(labels: str, pod: str, values: str) -> dict[str, str]:
+    # The admission limit each pod exports; the operator does not know it (the server sizes
+    # its queue from the CPU limit unless queueMaxRequests is set).
+    return {
+        "series": f'rembg_queue_limit_requests{{{labels},pool="cpu",pod="{pod}"}}',
+        "values": values,
+    }
+
+
 def test_queue_saturation(tmp_path: Path) -> None:
-    # 64 * 0.8 = 51.2: 60 pending fires after 5m; 50 never; a 3-minute spike never.
+    # Against each pod's own limit, at 80%: p1 (60 of 64) fires after 5m; p2 (50 of 64)
+    # never; p3 (4 of 4, a small pod on the server's default) fires; a 3-minute spike never.
     firing = {
         "interval": "1m",
-        "input_series": [_pending(SERVICE, "p1", "60x20"), _pending(SERVICE, "p2", "50x20")],
+        "input_series": [
+            _pending(SERVICE, "p1", "60x20"),
+            _pending(SERVICE, "p2", "50x20"),
+            _pending(SERVICE, "p3", "4x20"),
+            _limit(SERVICE, "p1", "64x20"),
+            _limit(SERVICE, "p2", "64x20"),
+            _limit(SERVICE, "p3", "4x20"),
+        ],
         "promql_expr_test": [
             {
                 "expr": "rembg:pending_requests:sum_by_pod",
@@ -437,6 +453,7 @@ def test_queue_saturation(tmp_path: Path) -> None:
                 "exp_samples": [
                     {"labels": _pending_record("p1"), "value": 60},
                     {"labels": _pending_record("p2"), "value": 50},
+                    {"labels": _pending_record("p3"), "value": 4},
                 ],
             }
         ],
@@ -455,16 +472,38 @@ def test_queue_saturation(tmp_path: Path) -> None:
                         },
                         "exp_annotations": _annotations(
                             "RembgQueueSaturated",
-                            **{"{{ $labels.pod }}": "p1", "{{ $value }}": "60"},
+                            **{
+                                "{{ $labels.pod }}": "p1",
+                                "{{ $value | humanizePercentage }}": "93.75%",
+                            },
                         ),
-                    }
+                    },
+                    {
+                        "exp_labels": {
+                            "severity": "warning",
+                            "namespace": "team-a",
+                            "rembg_service": "demo",
+                            "pool": "cpu",
+                            "pod": "p3",
+                        },
+                        "exp_annotations": _annotations(
+                            "RembgQueueSaturated",
+                            **{
+                                "{{ $labels.pod }}": "p3",
+                                "{{ $value | humanizePercentage }}": "100%",
+                            },
+                        ),
+                    },
                 ],
             }
         ],
     }
     spike = {
         "interval": "1m",
-        "input_series": [_pending(SERVICE, "p1", "0 0 60 60 60 0 0 0 0 0 0 0")],
+        "input_series": [
+            _pending(SERVICE, "p1", "0 0 60 60 60 0 0 0 0 0 0 0"),
+            _limit(SERVICE, "p1", "64x12"),
+        ],
         "alert_rule_test": [
             {"eval_time": "4m", "alertname": "RembgQueueSaturated", "exp_alerts": []},
             {"eval_time": "10m", "alertname": "RembgQueueSaturated", "exp_alerts": []},

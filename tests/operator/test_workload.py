@@ -2,16 +2,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
+from rembg_operator import models
 from rembg_operator.builders import ServiceRef, build_deployment, build_service, plan_pools
 from rembg_operator.builders.plan import PoolPlan
 from rembg_operator.builders.workload import (
     require_node_labels,
-    server_env,
     termination_grace_seconds,
-    threads_for,
 )
 from rembg_operator.models import RembgServiceSpec
+from rembg_server.settings import Settings as ServerProcessSettings
 
 from tests.operator.conftest import make_spec
 
@@ -102,25 +101,36 @@ def test_restricted_security_context(ref: ServiceRef) -> None:
     assert "emptyDir" in volumes[mounts["/tmp"]]
 
 
-@pytest.mark.parametrize(
-    ("limits", "requests", "threads"),
-    [
-        ({"cpu": "2"}, {}, 2),
-        ({"cpu": "1500m"}, {}, 2),
-        ({"cpu": "250m"}, {}, 1),
-        ({}, {"cpu": "3"}, 3),
-        ({"cpu": "4"}, {"cpu": "1"}, 4),
-        ({}, {}, 0),
-    ],
-)
-def test_threads_follow_the_cpu_limit(
-    limits: dict[str, str], requests: dict[str, str], threads: int
+def test_unset_server_settings_stay_out_of_the_pod_so_the_servers_defaults_apply(
+    ref: ServiceRef,
 ) -> None:
-    spec = make_spec(cpu={"resources": {"limits": limits, "requests": requests}})
-    plan = _plan(spec, "cpu")
-    assert threads_for(spec, plan) == threads
-    env = server_env(ServiceRef(name="demo", namespace="team-a"), spec, plan)
-    assert {e["name"]: e["value"] for e in env}["REMBG_THREADS"] == str(threads)
+    """Regression: CRD defaults (64 requests, 256 MP, batch 8) were written into every pod,
+    overriding the server's own (2 requests per CPU, 200 MP, batch 1); a 2-CPU pod then
+    queued 64 1080p requests and was OOMKilled before it answered any 429."""
+    spec = make_spec(cpu={"resources": {"limits": {"cpu": "3"}}})
+    env = _env(_deployment(spec, "cpu", ref))
+    assert env == {
+        "REMBG_HOST": "0.0.0.0",
+        "REMBG_PORT": "8080",
+        "REMBG_MODELS": "u2netp",
+        "REMBG_PROVIDER": "cpu",
+        "REMBG_ALLOW_CPU_FALLBACK": "false",
+    }
+
+
+def test_an_empty_server_section_leaves_every_tuning_field_unset() -> None:
+    spec = make_spec(cpu={}, server={})
+    dumped = spec.server.model_dump(exclude={"port", "startup_timeout_seconds", "drain_seconds"})
+    tuning = {k: v for k, v in dumped.items() if k not in ("canary", "extra_env")}
+    assert tuning
+    assert set(tuning.values()) == {None}
+
+
+def test_the_grace_period_covers_the_servers_default_request_timeout(ref: ServiceRef) -> None:
+    spec = make_spec(cpu={})
+    assert termination_grace_seconds(spec) == 10 + 60 + 5
+    longer = make_spec(cpu={}, server={"requestTimeoutSeconds": 120.5})
+    assert termination_grace_seconds(longer) == 10 + 121 + 5
 
 
 def test_explicit_threads_win(ref: ServiceRef) -> None:
@@ -153,7 +163,6 @@ def test_server_settings_become_rembg_env(ref: ServiceRef) -> None:
         "REMBG_MODELS": "u2net,u2netp",
         "REMBG_PROVIDER": "cpu",
         "REMBG_ALLOW_CPU_FALLBACK": "false",
-        "REMBG_THREADS": "2",
         "REMBG_MAX_BODY_BYTES": "2048",
         "REMBG_MAX_PIXELS": "1000",
         "REMBG_QUEUE_MAX_REQUESTS": "10",
@@ -378,3 +387,12 @@ def test_service_selects_every_pool(ref: ServiceRef) -> None:
 
 def test_endpoint_url(ref: ServiceRef) -> None:
     assert ref.endpoint == "http://demo.team-a.svc:80"
+
+
+def test_the_server_defaults_the_operator_relies_on_are_the_servers() -> None:
+    """The operator leaves unset settings to the server, but sizes the grace period and the
+    canary alert from three of its defaults: they must be the server's, not a copy gone stale."""
+    fields = ServerProcessSettings.model_fields
+    assert fields["request_timeout_seconds"].default == models.SERVER_REQUEST_TIMEOUT_SECONDS
+    assert fields["canary_interval_seconds"].default == models.SERVER_CANARY_INTERVAL_SECONDS
+    assert fields["canary_timeout_seconds"].default == models.SERVER_CANARY_TIMEOUT_SECONDS

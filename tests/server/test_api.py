@@ -285,6 +285,7 @@ CONTRACT_METRICS = [
     "rembg_inference_duration_seconds_count",
     "rembg_pending_requests",
     "rembg_pending_megapixels",
+    "rembg_queue_limit_requests",
     "rembg_batch_size_count",
     "rembg_warmup_seconds",
     "rembg_model_info",
@@ -296,7 +297,9 @@ async def test_metrics_are_present_and_move(
     client: httpx.AsyncClient, photos: dict[str, bytes], metric: Callable[..., Awaitable[float]]
 ) -> None:
     text = (await client.get("/metrics")).text
-    samples = {line.split("{")[0] for line in text.splitlines() if not line.startswith("#")}
+    samples = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")
+    }
     assert set(CONTRACT_METRICS) <= samples
     labels = {"model": "u2netp", "device": "cpu"}
     before = {
@@ -324,3 +327,6 @@ async def test_metrics_are_present_and_move(
     assert await metric(client, "rembg_model_info", provider="CPUExecutionProvider", **labels) == 1
     assert await metric(client, "rembg_pending_requests", **labels) == 0
     assert await metric(client, "rembg_pending_megapixels", **labels) == pytest.approx(0, abs=1e-9)
+    service = client.app.state.service  # type: ignore[attr-defined]
+    limit = service.settings.resolved_queue_max_requests()
+    assert await metric(client, "rembg_queue_limit_requests") == limit > 0

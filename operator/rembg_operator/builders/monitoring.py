@@ -135,7 +135,12 @@ def _recording_rules(ref: ServiceRef, spec: RembgServiceSpec) -> list[Manifest]:
 def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> list[Manifest]:
     alerts = spec.monitoring.alerts
     selector = service_series_selector(ref)
-    saturated_at = spec.server.queue_max_requests * alerts.queue_saturation_ratio
+    # Over the limit each pod exports: the server sizes its queue from its CPU limit unless
+    # queueMaxRequests is set, so the operator does not know the number.
+    saturation = (
+        f"{PENDING_RECORD}{{{selector}}} / on (namespace, pod) group_left () "
+        f"max by (namespace, pod) (rembg_queue_limit_requests{{{selector}}})"
+    )
     rules = [
         _service_down(ref, spec, plans),
         _no_ready_replicas(ref, spec, plans),
@@ -143,14 +148,14 @@ def _alerts(ref: ServiceRef, spec: RembgServiceSpec, plans: list[PoolPlan]) -> l
         _high_latency(ref, spec),
         {
             "alert": "RembgQueueSaturated",
-            "expr": f"{PENDING_RECORD}{{{selector}}} >= {saturated_at:g}",
+            "expr": f"{saturation} >= {alerts.queue_saturation_ratio:g}",
             "for": alerts.queue_saturation_for,
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": f"rembg {ref.namespace}/{ref.name}: queue near its limit",
                 "description": (
-                    "Pod {{ $labels.pod }} holds {{ $value }} pending requests of "
-                    f"{spec.server.queue_max_requests}; it will answer 429 soon. "
+                    "Pod {{ $labels.pod }} holds {{ $value | humanizePercentage }} of the "
+                    "requests it admits at once; it will answer 429 soon. "
                     "The autoscaler is at its maximum or too slow."
                 ),
             },

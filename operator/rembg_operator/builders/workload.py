@@ -29,7 +29,7 @@ from rembg_operator.models import (
     GpuPoolSpec,
     JobsSpec,
     RembgServiceSpec,
-    parse_quantity,
+    ServerSettings,
 )
 
 # The non-root user the inference image (inference_image/Dockerfile) creates.
@@ -110,7 +110,7 @@ def termination_grace_seconds(spec: RembgServiceSpec) -> int:
     """preStop drain, then the longest request may finish, then the process exits."""
     return (
         spec.server.drain_seconds
-        + math.ceil(spec.server.request_timeout_seconds)
+        + math.ceil(spec.server.effective_request_timeout_seconds)
         + SHUTDOWN_MARGIN_SECONDS
     )
 
@@ -156,17 +156,6 @@ def _probe(path: str, *, period: int, failures: int, timeout: int = 2) -> Manife
     }
 
 
-def threads_for(spec: RembgServiceSpec, plan: PoolPlan) -> int:
-    """onnxruntime intra-op threads: explicit, else the CPU limit (or request) rounded up."""
-    if spec.server.threads is not None:
-        return spec.server.threads
-    resources = plan.pool.resources
-    cpu = resources.limits.get("cpu") or resources.requests.get("cpu")
-    if cpu is None:
-        return 0  # the server derives it from its cgroup
-    return max(1, math.ceil(parse_quantity(cpu)))
-
-
 def server_env(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> list[Manifest]:
     server = spec.server
     values = {
@@ -175,24 +164,33 @@ def server_env(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> list[
         "REMBG_MODELS": ",".join(spec.models),
         "REMBG_PROVIDER": plan.provider,
         "REMBG_ALLOW_CPU_FALLBACK": _bool(plan.allow_cpu_fallback),
-        "REMBG_THREADS": str(threads_for(spec, plan)),
-        "REMBG_MAX_BODY_BYTES": str(server.max_body_bytes),
-        "REMBG_MAX_PIXELS": str(server.max_pixels),
-        "REMBG_QUEUE_MAX_REQUESTS": str(server.queue_max_requests),
-        "REMBG_QUEUE_MAX_MEGAPIXELS": _number(server.queue_max_megapixels),
-        "REMBG_REQUEST_TIMEOUT_SECONDS": _number(server.request_timeout_seconds),
-        "REMBG_BATCH_MAX_SIZE": str(server.batch_max_size),
-        "REMBG_BATCH_MAX_WAIT_MS": str(server.batch_max_wait_ms),
-        "REMBG_WARMUP_RUNS": str(server.warmup_runs),
-        "REMBG_LOG_FORMAT": server.log_format,
-        "REMBG_ALPHA_MATTING_ENABLED": _bool(server.alpha_matting_enabled),
     }
     env: dict[str, Manifest] = {name: {"name": name, "value": v} for name, v in values.items()}
+    env.update((var["name"], var) for var in tuning_env(server))
     env.update((var["name"], var) for var in canary_env(spec.server.canary))
     env.update((var["name"], var) for var in jobs_env(ref, spec.jobs))
     # Extra variables win over the generated ones: they are the user's explicit override.
     env.update((var.name, {"name": var.name, "value": var.value}) for var in server.extra_env)
     return list(env.values())
+
+
+def tuning_env(server: ServerSettings) -> list[Manifest]:
+    """REMBG_* of the server settings that are set; an unset one keeps the server's default
+    (the server derives threads and its queue from the CPU limit it runs under)."""
+    values: dict[str, int | float | str | bool | None] = {
+        "REMBG_THREADS": server.threads,
+        "REMBG_MAX_BODY_BYTES": server.max_body_bytes,
+        "REMBG_MAX_PIXELS": server.max_pixels,
+        "REMBG_QUEUE_MAX_REQUESTS": server.queue_max_requests,
+        "REMBG_QUEUE_MAX_MEGAPIXELS": server.queue_max_megapixels,
+        "REMBG_REQUEST_TIMEOUT_SECONDS": server.request_timeout_seconds,
+        "REMBG_BATCH_MAX_SIZE": server.batch_max_size,
+        "REMBG_BATCH_MAX_WAIT_MS": server.batch_max_wait_ms,
+        "REMBG_WARMUP_RUNS": server.warmup_runs,
+        "REMBG_LOG_FORMAT": server.log_format,
+        "REMBG_ALPHA_MATTING_ENABLED": server.alpha_matting_enabled,
+    }
+    return [_value(name, _env_text(v)) for name, v in values.items() if v is not None]
 
 
 def canary_env(canary: CanarySettings) -> list[Manifest]:
@@ -253,6 +251,14 @@ def _secret_ref(name: str, secret: str, key: str, *, optional: bool) -> Manifest
 
 def _bool(value: bool) -> str:
     return "true" if value else "false"
+
+
+def _env_text(value: int | float | str | bool) -> str:
+    if isinstance(value, bool):
+        return _bool(value)
+    if isinstance(value, float):
+        return _number(value)
+    return str(value)
 
 
 def _number(value: float) -> str:
