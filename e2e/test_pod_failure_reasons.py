@@ -90,7 +90,10 @@ def exact_rbac_operator(crd: Any, namespace: str, tmp_path: Path) -> Iterator[Op
 
 
 def _warning_events(cluster: Any, namespace: str) -> list[dict[str, Any]]:
-    events = get(cluster, namespace, "events", "--field-selector", f"involvedObject.name={NAME}")
+    # The RembgService's own: its Service has the same name, and kube-apiserver's ClusterIP
+    # repair loop may post a ClusterIPNotAllocated warning on it when it races the allocator.
+    selector = f"involvedObject.name={NAME},involvedObject.kind=RembgService"
+    events = get(cluster, namespace, "events", "--field-selector", selector)
     return [e for e in (events or {}).get("items", []) if e.get("type") == "Warning"]
 
 

@@ -18,6 +18,7 @@ deleted: client-go's informers deliver those as "deleted, final state unknown".
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -25,7 +26,7 @@ from typing import Any
 
 from rembg_operator import metrics
 from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
-from rembg_operator.kube import ApiError, KubeApi, api_version_of
+from rembg_operator.kube import KubeApi, api_version_of
 from rembg_operator.pod_health import PodState
 from rembg_operator.reconciler import Reconciler
 from rembg_operator.settings import Settings
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 # A re-list comes as a burst of events: the audit waits for it to end.
 AUDIT_DEBOUNCE_SECONDS = 2.0
+AUDIT_RETRY_SECONDS = 2.0
 
 
 class ReconcileError(Exception):
@@ -216,19 +218,21 @@ class Controller:
     # -- the audit -------------------------------------------------------------------------
 
     async def _audit_forever(self) -> None:
+        wait = self.settings.audit_seconds
         while True:
-            try:
-                await asyncio.wait_for(self._relisted.wait(), self.settings.audit_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._relisted.wait(), wait)
                 await asyncio.sleep(AUDIT_DEBOUNCE_SECONDS)
-            except TimeoutError:
-                pass
             self._relisted.clear()
             try:
                 await self.audit()
-            except (ApiError, OSError, TimeoutError) as error:
-                log.warning(
-                    "child audit failed (next in %ss): %s", self.settings.audit_seconds, error
-                )
+            except Exception as error:  # the API server is away: the watches are too
+                log.warning("child audit failed (again in %ss): %s", AUDIT_RETRY_SECONDS, error)
+                # Soon, not in audit_seconds: the first audit that succeeds after an outage is
+                # the one that finds what was deleted while nobody watched.
+                wait = AUDIT_RETRY_SECONDS
+            else:
+                wait = self.settings.audit_seconds
 
     async def audit(self) -> int:
         """List the children of every namespace with services; repair each one that vanished.

@@ -8,6 +8,7 @@ import copy
 from typing import Any
 
 import pytest
+from rembg_operator import controller as controller_module
 from rembg_operator.builders.meta import SERVICE_LABEL
 from rembg_operator.controller import Controller
 
@@ -406,3 +407,32 @@ async def test_one_pass_per_service_at_a_time_and_none_lost() -> None:
     # The first pass, then one more for the three changes that came during it.
     assert len(client.applies()) == 2 * len(CHILD_KINDS)
     assert client.statuses[-1]["observedGeneration"] == 4
+
+
+async def test_an_audit_that_fails_is_retried_soon_and_the_controller_keeps_working(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(controller_module, "AUDIT_RETRY_SECONDS", 0.05)
+    outage = {"left": 3}
+
+    class ApiServerAway(RecordingClient):
+        async def list_names(
+            self, api_version: str, kind: str, namespace: str, label_selector: str
+        ) -> set[str]:
+            if outage["left"]:
+                outage["left"] -= 1
+                raise ConnectionRefusedError("connect: connection refused")
+            return await super().list_names(api_version, kind, namespace, label_selector)
+
+    client = ApiServerAway()
+    async with running(client, audit_seconds=3600) as controller:
+        await created(controller, {"cpu": {}})
+        client.vanish("Service", "ns", "demo")
+        controller.on_service_event(None, owner({"cpu": {}}, status=client.statuses[-1]))
+        await until(lambda: ("Service", "ns", "demo") in client.stored)
+        assert not outage["left"]
+        # Still serving events after the failed audits.
+        applied = len(client.applies())
+        controller.on_child_event("DELETED", stored_child(client, "Deployment", "demo-cpu"))
+        await until(lambda: ("apply", "Deployment", "demo-cpu") in client.applies()[applied:])
+        await settle(controller)
