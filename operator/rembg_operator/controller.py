@@ -8,25 +8,21 @@ concerns (a child or pod by its service label) and to the kind of work it needs:
 A work queue (workqueue.py) runs one pass per service at a time, with retries and backoff,
 and spreads a full resync of every service over `resync_seconds`.
 
-A deletion made while a watch was not connected never arrives as an event (kopf resumes a
-watch from its last resource version, or lists again, and neither says what vanished
-meanwhile). So an audit lists the children now and then, and at once when a re-list shows
-that a watch restarted, and treats every child the operator applied and the list lacks as
-deleted: client-go's informers deliver those as "deleted, final state unknown".
+A deletion made while a watch was not connected never arrives as an event: the audit
+(audit.py) finds those.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from rembg_operator import metrics
-from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
-from rembg_operator.kube import KubeApi, api_version_of
+from rembg_operator.audit import ChildAudit
+from rembg_operator.kube import KubeApi
 from rembg_operator.pod_health import PodState
 from rembg_operator.reconciler import Reconciler
 from rembg_operator.settings import Settings
@@ -43,11 +39,6 @@ from rembg_operator.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 
-CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
-# A re-list comes as a burst of events: the audit waits for it to end.
-AUDIT_DEBOUNCE_SECONDS = 2.0
-AUDIT_RETRY_SECONDS = 2.0
-
 
 class ReconcileError(Exception):
     """Some children could not be applied; the status says which, a retry follows."""
@@ -62,7 +53,7 @@ class Controller:
         self.services = Services()
         self.queue: WorkQueue[Key] = WorkQueue()
         self.reconciler = Reconciler(client, settings)
-        self._relisted = asyncio.Event()
+        self.auditor = ChildAudit(client, self.services, self._repair, settings.audit_seconds)
         self._last_gpu_capacity: int | None = None
 
     async def run(self) -> None:
@@ -72,7 +63,7 @@ class Controller:
                 self.queue.run(self.settings.max_concurrent_reconciles, self._process)
             )
             group.create_task(self.queue.spread(self._resync_keys, self.settings.resync_seconds))
-            group.create_task(self._audit_forever())
+            group.create_task(self.auditor.run_forever())
 
     # -- events ----------------------------------------------------------------------------
 
@@ -95,7 +86,7 @@ class Controller:
         if changed:
             self.request(key, full=True)
         elif known and event_type is None:
-            self._relisted.set()  # a known service listed again: its watch restarted
+            self.auditor.relisted()  # a known service listed again: its watch restarted
 
     def on_child_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         key = owner_key(body)
@@ -105,7 +96,7 @@ class Controller:
         deleted = event_type == "DELETED"
         state.observe_child(body, deleted=deleted)
         if event_type is None:
-            self._relisted.set()
+            self.auditor.relisted()
         child = child_key(body)
         seen = None if deleted else essence(body)
         if state.reconciling:
@@ -136,6 +127,9 @@ class Controller:
             return
         state.wants_full = state.wants_full or full
         self.queue.add(key)
+
+    def _repair(self, key: Key) -> None:
+        self.request(key, full=True)
 
     def forget(self, key: Key) -> None:
         self.services.forget(key)
@@ -214,55 +208,3 @@ class Controller:
             if state is not None:
                 state.wants_full = True
         return keys
-
-    # -- the audit -------------------------------------------------------------------------
-
-    async def _audit_forever(self) -> None:
-        wait = self.settings.audit_seconds
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._relisted.wait(), wait)
-                await asyncio.sleep(AUDIT_DEBOUNCE_SECONDS)
-            self._relisted.clear()
-            try:
-                await self.audit()
-            except Exception as error:  # the API server is away: the watches are too
-                log.warning("child audit failed (again in %ss): %s", AUDIT_RETRY_SECONDS, error)
-                # Soon, not in audit_seconds: the first audit that succeeds after an outage is
-                # the one that finds what was deleted while nobody watched.
-                wait = AUDIT_RETRY_SECONDS
-            else:
-                wait = self.settings.audit_seconds
-
-    async def audit(self) -> int:
-        """List the children of every namespace with services; repair each one that vanished.
-
-        Only children applied before the list was sent count: one applied since may be
-        newer than the list.
-        """
-        vanished = 0
-        for namespace, kinds in self._applied_children().items():
-            for kind, expected in kinds.items():
-                names = await self.client.list_names(
-                    api_version_of(kind), kind, namespace, CHILD_SELECTOR
-                )
-                for key, name in expected:
-                    state = self.services.get(key)
-                    child = (kind, namespace, name)
-                    if name in names or state is None or child not in state.children:
-                        continue
-                    log.info(
-                        "%s %s/%s of %s vanished unseen; repairing", kind, namespace, name, key[1]
-                    )
-                    state.forget_child(child)
-                    self.request(key, full=True)
-                    vanished += 1
-        return vanished
-
-    def _applied_children(self) -> dict[str, dict[str, list[tuple[Key, str]]]]:
-        """namespace -> kind -> (service, child name) for every child the operator applied."""
-        found: dict[str, dict[str, list[tuple[Key, str]]]] = {}
-        for state in self.services:
-            for kind, namespace, name in state.children:
-                found.setdefault(namespace, {}).setdefault(kind, []).append((state.key, name))
-        return found

@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 import pytest
-from rembg_operator import controller as controller_module
+from rembg_operator import audit as audit_module
 from rembg_operator.builders.meta import SERVICE_LABEL
 from rembg_operator.controller import Controller
 
@@ -173,7 +173,7 @@ async def test_the_audit_leaves_children_that_exist_alone() -> None:
     async with running(client, audit_seconds=3600) as controller:
         await created(controller, {"cpu": {}})
         applied = len(client.applies())
-        assert await controller.audit() == 0
+        assert await controller.auditor.audit() == 0
         await settle(controller)
         assert len(client.applies()) == applied
         assert {c[1] for c in client.calls if c[0] == "list"} == set(CHILD_KINDS)
@@ -412,7 +412,7 @@ async def test_one_pass_per_service_at_a_time_and_none_lost() -> None:
 async def test_an_audit_that_fails_is_retried_soon_and_the_controller_keeps_working(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(controller_module, "AUDIT_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(audit_module, "AUDIT_RETRY_SECONDS", 0.05)
     outage = {"left": 3}
 
     class ApiServerAway(RecordingClient):
