@@ -157,8 +157,29 @@ def _condition_schema() -> Schema:
     }
 
 
-def status_schema() -> Schema:
-    pool = {
+def _not_ready_pod_schema() -> Schema:
+    """One entry of a pool's notReady list: a pod and why it is not ready."""
+    return {
+        "type": "object",
+        "properties": {
+            "pod": {"type": "string", "description": "Pod name."},
+            "reason": {
+                "type": "string",
+                "description": "Cause: ImagePullBackOff, OOMKilled, Unschedulable...",
+            },
+            "state": {
+                "type": "string",
+                "description": "Container state when it differs from the cause.",
+            },
+            "message": {"type": "string", "description": "What the kubelet said."},
+            "restarts": {"type": "integer", "description": "Container restarts."},
+        },
+    }
+
+
+def _pool_status_schema() -> Schema:
+    """Replica counts of one pool, and why its pods are not ready."""
+    return {
         "type": "object",
         "properties": {
             "desiredReplicas": {"type": "integer", "description": "Replicas the pool should run."},
@@ -172,79 +193,84 @@ def status_schema() -> Schema:
             "notReady": {
                 "type": "array",
                 "description": "Why pods are not ready, hard failures first (a few pods).",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "pod": {"type": "string", "description": "Pod name."},
-                        "reason": {
-                            "type": "string",
-                            "description": "Cause: ImagePullBackOff, OOMKilled, Unschedulable...",
-                        },
-                        "state": {
-                            "type": "string",
-                            "description": "Container state when it differs from the cause.",
-                        },
-                        "message": {"type": "string", "description": "What the kubelet said."},
-                        "restarts": {"type": "integer", "description": "Container restarts."},
-                    },
-                },
+                "items": _not_ready_pod_schema(),
             },
         },
     }
-    child = {
-        "type": "object",
-        "properties": {k: {"type": "string"} for k in ("kind", "name", "reason", "message")},
+
+
+def _string_object_schema(*keys: str) -> Schema:
+    return {"type": "object", "properties": {k: {"type": "string"} for k in keys}}
+
+
+def _status_properties() -> Schema:
+    return {
+        "observedGeneration": {
+            "type": "integer",
+            "format": "int64",
+            "description": "metadata.generation the status describes.",
+        },
+        "conditions": {
+            "type": "array",
+            "description": "Ready, Progressing, Degraded, Reconciling, Stalled and more.",
+            "items": _condition_schema(),
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+        "pools": {
+            "type": "object",
+            "description": "Replica counts per pool (gpu, cpu).",
+            "additionalProperties": _pool_status_schema(),
+        },
+        "gpuReplicas": {"type": "string", "description": "ready/desired of the GPU pool."},
+        "cpuReplicas": {"type": "string", "description": "ready/desired of the CPU pool."},
+        "model": {"type": "string", "description": "Models served, comma-separated."},
+        "endpoint": {"type": "string", "description": "In-cluster URL of the Service."},
+        "gpuCapacity": {
+            "type": "integer",
+            "description": "Allocatable GPUs seen on the cluster's nodes.",
+        },
+        "unavailableChildren": {
+            "type": "array",
+            "description": "Children that could not be created, and why.",
+            "items": _string_object_schema("kind", "name", "reason", "message"),
+        },
+        "inventory": {
+            "type": "array",
+            "description": "Children applied at the last reconcile (pruning source).",
+            "items": _string_object_schema("apiVersion", "kind", "name"),
+        },
     }
+
+
+def status_schema() -> Schema:
     return {
         "type": "object",
         "description": "Observed state, written by the operator.",
-        "properties": {
-            "observedGeneration": {
-                "type": "integer",
-                "format": "int64",
-                "description": "metadata.generation the status describes.",
-            },
-            "conditions": {
-                "type": "array",
-                "description": "Ready, Progressing, Degraded, Reconciling, Stalled and more.",
-                "items": _condition_schema(),
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-            "pools": {
-                "type": "object",
-                "description": "Replica counts per pool (gpu, cpu).",
-                "additionalProperties": pool,
-            },
-            "gpuReplicas": {"type": "string", "description": "ready/desired of the GPU pool."},
-            "cpuReplicas": {"type": "string", "description": "ready/desired of the CPU pool."},
-            "model": {"type": "string", "description": "Models served, comma-separated."},
-            "endpoint": {"type": "string", "description": "In-cluster URL of the Service."},
-            "gpuCapacity": {
-                "type": "integer",
-                "description": "Allocatable GPUs seen on the cluster's nodes.",
-            },
-            "unavailableChildren": {
-                "type": "array",
-                "description": "Children that could not be created, and why.",
-                "items": child,
-            },
-            "inventory": {
-                "type": "array",
-                "description": "Children applied at the last reconcile (pruning source).",
-                "items": {
-                    "type": "object",
-                    "properties": {k: {"type": "string"} for k in ("apiVersion", "kind", "name")},
-                },
-            },
-        },
+        "properties": _status_properties(),
     }
 
 
-def build_crd() -> dict[str, Any]:
+def _name_validations() -> list[dict[str, str]]:
+    """CEL rules on metadata.name, which the OpenAPI schema cannot reach."""
+    return [
+        {
+            "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
+            "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
+            "(children add a pool suffix)",
+        },
+        {
+            "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+            "message": "metadata.name must be a DNS-1035 label (it names a Service)",
+        },
+    ]
+
+
+def _root_schema() -> Schema:
+    """The openAPIV3Schema of the one served version: spec, status and name rules."""
     spec = spec_schema()
     spec["description"] = "Desired state of the fleet. Only one pool is required."
-    root: Schema = {
+    return {
         "type": "object",
         "description": (
             "RembgService runs a fleet of rembg background-removal servers: GPU and CPU pools, "
@@ -258,18 +284,22 @@ def build_crd() -> dict[str, Any]:
             "spec": spec,
             "status": status_schema(),
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-                "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters "
-                "(children add a pool suffix)",
-            },
-            {
-                "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
-                "message": "metadata.name must be a DNS-1035 label (it names a Service)",
-            },
-        ],
+        "x-kubernetes-validations": _name_validations(),
     }
+
+
+def _crd_names() -> dict[str, Any]:
+    return {
+        "kind": KIND,
+        "listKind": f"{KIND}List",
+        "plural": PLURAL,
+        "singular": SINGULAR,
+        "shortNames": list(SHORT_NAMES),
+        "categories": ["all", "rembg"],
+    }
+
+
+def build_crd() -> dict[str, Any]:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -280,14 +310,7 @@ def build_crd() -> dict[str, Any]:
         "spec": {
             "group": API_GROUP,
             "scope": "Namespaced",
-            "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
-                "categories": ["all", "rembg"],
-            },
+            "names": _crd_names(),
             "versions": [
                 {
                     "name": API_VERSION,
@@ -295,7 +318,7 @@ def build_crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": _printer_columns(),
-                    "schema": {"openAPIV3Schema": root},
+                    "schema": {"openAPIV3Schema": _root_schema()},
                 }
             ],
         },

@@ -161,18 +161,7 @@ class KubeClient:
             async with response:
                 code = str(response.status)
                 raw = await response.read()
-            payload = _json_or_none(raw)
-            if response.status >= 300:
-                # Not every error is a Status object: an unserved group answers plain text.
-                status = payload or {}
-                raise ApiError(
-                    response.status,
-                    str(status.get("reason") or response.reason),
-                    str(status.get("message") or raw[:500].decode(errors="replace")),
-                )
-            if payload is None:
-                raise ApiError(response.status, "BadResponse", f"not JSON: {raw[:200]!r}")
-            return payload
+            return _payload_of(response.status, response.reason, raw)
         finally:
             metrics.API_REQUESTS.labels(method=method, resource=resource, code=code).inc()
             metrics.API_LATENCY.labels(method=method).observe(time.perf_counter() - started)
@@ -295,33 +284,60 @@ class KubeClient:
     async def post_event(
         self, owner: Mapping[str, Any], *, warning: bool, reason: str, message: str
     ) -> None:
-        meta = owner["metadata"]
-        now = datetime.now(tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        event = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {
-                "apiVersion": owner["apiVersion"],
-                "kind": owner["kind"],
-                "name": meta["name"],
-                "namespace": meta["namespace"],
-                "uid": meta.get("uid"),
-                "resourceVersion": meta.get("resourceVersion"),
-            },
-            "reason": reason,
-            "message": message[:1024],
-            "type": "Warning" if warning else "Normal",
-            "source": {"component": FIELD_MANAGER},
-            "reportingComponent": FIELD_MANAGER,
-            "reportingInstance": FIELD_MANAGER,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-        }
+        now = datetime.now(tz=UTC)
+        event = build_event(owner, warning=warning, reason=reason, message=message, now=now)
         await self.request(
-            "POST", resource_path("v1", "Event", meta["namespace"]), body=event, resource="Event"
+            "POST",
+            resource_path("v1", "Event", owner["metadata"]["namespace"]),
+            body=event,
+            resource="Event",
         )
+
+
+def build_event(
+    owner: Mapping[str, Any], *, warning: bool, reason: str, message: str, now: datetime
+) -> dict[str, Any]:
+    """A core/v1 Event about owner, to POST once (count 1, both timestamps now; pure)."""
+    meta = owner["metadata"]
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {
+            "apiVersion": owner["apiVersion"],
+            "kind": owner["kind"],
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta.get("uid"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": "Warning" if warning else "Normal",
+        "source": {"component": FIELD_MANAGER},
+        "reportingComponent": FIELD_MANAGER,
+        "reportingInstance": FIELD_MANAGER,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+
+
+def _payload_of(status: int, reason: str | None, raw: bytes) -> dict[str, Any]:
+    """The JSON object of a response; ApiError for a non-2xx status or a body not a JSON object."""
+    payload = _json_or_none(raw)
+    if status >= 300:
+        # Not every error is a Status object: an unserved group answers plain text.
+        error = payload or {}
+        raise ApiError(
+            status,
+            str(error.get("reason") or reason),
+            str(error.get("message") or raw[:500].decode(errors="replace")),
+        )
+    if payload is None:
+        raise ApiError(status, "BadResponse", f"not JSON: {raw[:200]!r}")
+    return payload
 
 
 def _json_or_none(raw: bytes) -> dict[str, Any] | None:

@@ -278,46 +278,59 @@ def _terminated(pod: PodState, container: ContainerState, ended: Termination) ->
 
 
 def _running_not_ready(pod: PodState, container: ContainerState, now: datetime) -> PodFinding:
+    after_oom = _restarted_after_oom(pod, container, now)
+    if after_oom is not None:
+        return after_oom
     since = container.running_since or now  # no start time yet: it just started
     running_for = max((now - since).total_seconds(), 0.0)
-    last = container.last_terminated
-    if (
-        last is not None
-        and last.reason == OOM_KILLED
-        and last.finished_at is not None
-        and (now - last.finished_at).total_seconds() < RECENT_TERMINATION_SECONDS
-    ):
-        # Restarted after an OOM and not ready again yet: the OOM is the story.
-        message = _oom_message(container, last)
-        left = RECENT_TERMINATION_SECONDS - (now - last.finished_at).total_seconds()
-        return _finding(
-            pod,
-            OOM_KILLED,
-            message,
-            state="Running",
-            restarts=container.restarts,
-            degraded=True,
-            changes_in=left,
-        )
     probe = "startup" if container.has_startup_probe and not container.started else "readiness"
     if running_for < container.grace_seconds:
-        # No running time here: a message that changes on every look rewrites the status.
-        message = f"container {container.name} started, {probe} probe not passed yet" + (
-            _restarts(container)
-        )
-        return _finding(
-            pod,
-            STARTING,
-            message,
-            restarts=container.restarts,
-            starting=True,
-            changes_in=container.grace_seconds - running_for,
-        )
+        return _probe_not_passed_yet(pod, container, probe, running_for)
     message = (
         f"not ready: {probe} probe failing (container {container.name} running for "
         f"{_duration(running_for)}){_restarts(container)}"
     )
     return _finding(pod, PROBE_FAILING, message, restarts=container.restarts)
+
+
+def _restarted_after_oom(
+    pod: PodState, container: ContainerState, now: datetime
+) -> PodFinding | None:
+    """An OOM within RECENT_TERMINATION_SECONDS, or None when there was none that recent."""
+    last = container.last_terminated
+    if last is None or last.reason != OOM_KILLED or last.finished_at is None:
+        return None
+    ago = (now - last.finished_at).total_seconds()
+    if ago >= RECENT_TERMINATION_SECONDS:
+        return None
+    # Restarted after an OOM and not ready again yet: the OOM is the story.
+    return _finding(
+        pod,
+        OOM_KILLED,
+        _oom_message(container, last),
+        state="Running",
+        restarts=container.restarts,
+        degraded=True,
+        changes_in=RECENT_TERMINATION_SECONDS - ago,
+    )
+
+
+def _probe_not_passed_yet(
+    pod: PodState, container: ContainerState, probe: str, running_for: float
+) -> PodFinding:
+    """Running for less than the probes' budget: warming up, not failing."""
+    # No running time here: a message that changes on every look rewrites the status.
+    message = f"container {container.name} started, {probe} probe not passed yet" + (
+        _restarts(container)
+    )
+    return _finding(
+        pod,
+        STARTING,
+        message,
+        restarts=container.restarts,
+        starting=True,
+        changes_in=container.grace_seconds - running_for,
+    )
 
 
 def _oom_message(container: ContainerState, ended: Termination) -> str:

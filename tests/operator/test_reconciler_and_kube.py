@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -10,6 +11,8 @@ from rembg_operator.kube import (
     RESOURCES,
     ApiError,
     _json_or_none,
+    _payload_of,
+    build_event,
     gpu_capacity_of,
     resource_path,
 )
@@ -199,6 +202,75 @@ def test_json_or_none() -> None:
     assert _json_or_none(b'{"a": 1}') == {"a": 1}
     assert _json_or_none(b"404 page not found") is None
     assert _json_or_none(b"[1]") is None
+
+
+def test_payload_of_returns_the_json_object_of_a_2xx_answer() -> None:
+    assert _payload_of(200, "OK", b'{"kind": "Deployment"}') == {"kind": "Deployment"}
+    assert _payload_of(201, "Created", b"") == {}
+
+
+def test_payload_of_raises_the_status_reason_and_message_of_an_error() -> None:
+    body = b'{"kind": "Status", "reason": "Invalid", "message": "spec.replicas: bad"}'
+    with pytest.raises(ApiError) as raised:
+        _payload_of(422, "Unprocessable Entity", body)
+    assert (raised.value.status, raised.value.reason, raised.value.message) == (
+        422,
+        "Invalid",
+        "spec.replicas: bad",
+    )
+
+
+def test_payload_of_quotes_a_plain_text_error_body() -> None:
+    with pytest.raises(ApiError) as raised:
+        _payload_of(404, "Not Found", b"404 page not found")
+    assert (raised.value.reason, raised.value.message) == ("Not Found", "404 page not found")
+
+
+def test_payload_of_refuses_a_2xx_body_that_is_not_a_json_object() -> None:
+    with pytest.raises(ApiError, match="BadResponse: not JSON"):
+        _payload_of(200, "OK", b"[1]")
+
+
+def _owner() -> dict[str, Any]:
+    return {
+        "apiVersion": "rembg.io/v1alpha1",
+        "kind": "RembgService",
+        "metadata": {"name": "demo", "namespace": "team-a", "uid": "u-1", "resourceVersion": "7"},
+    }
+
+
+def test_build_event_names_its_owner_and_stamps_both_times() -> None:
+    now = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    event = build_event(_owner(), warning=True, reason="Degraded", message="oom", now=now)
+    assert event == {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "demo.", "namespace": "team-a"},
+        "involvedObject": {
+            "apiVersion": "rembg.io/v1alpha1",
+            "kind": "RembgService",
+            "name": "demo",
+            "namespace": "team-a",
+            "uid": "u-1",
+            "resourceVersion": "7",
+        },
+        "reason": "Degraded",
+        "message": "oom",
+        "type": "Warning",
+        "source": {"component": "rembg-operator"},
+        "reportingComponent": "rembg-operator",
+        "reportingInstance": "rembg-operator",
+        "firstTimestamp": "2024-05-06T07:08:09Z",
+        "lastTimestamp": "2024-05-06T07:08:09Z",
+        "count": 1,
+    }
+
+
+def test_build_event_is_normal_unless_warning_and_cuts_long_messages() -> None:
+    now = datetime(2024, 5, 6, tzinfo=UTC)
+    event = build_event(_owner(), warning=False, reason="Ready", message="x" * 2000, now=now)
+    assert event["type"] == "Normal"
+    assert event["message"] == "x" * 1024
 
 
 def test_kopf_settings_bound_every_watch_and_skip_the_diff_base() -> None:

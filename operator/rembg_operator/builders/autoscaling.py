@@ -99,44 +99,56 @@ def pool_series_selector(ref: ServiceRef, pool: str) -> str:
     return f'namespace="{ref.namespace}",rembg_service="{ref.name}",pool="{pool}"'
 
 
+def _queue_depth_trigger(autoscaling: AutoscalingSpec, selector: str) -> Manifest:
+    return {
+        "type": "prometheus",
+        "name": "queue-depth",
+        # AverageValue: KEDA divides the fleet total by the replica count.
+        "metricType": "AverageValue",
+        "metadata": {
+            "serverAddress": autoscaling.keda.prometheus_address,
+            "query": f"sum(rembg_pending_requests{{{selector}}})",
+            "threshold": quantity(autoscaling.target_queue_depth_per_pod),
+        },
+    }
+
+
+def _latency_p95_trigger(autoscaling: AutoscalingSpec, selector: str, target: float) -> Manifest:
+    return {
+        "type": "prometheus",
+        "name": "latency-p95",
+        # Value: a latency does not shrink by dividing it across replicas.
+        "metricType": "Value",
+        "metadata": {
+            "serverAddress": autoscaling.keda.prometheus_address,
+            "query": (
+                "histogram_quantile(0.95, sum by (le) "
+                f"(rate(rembg_request_duration_seconds_bucket{{{selector}}}[2m])))"
+            ),
+            "threshold": quantity(target),
+        },
+    }
+
+
+def _keda_triggers(ref: ServiceRef, spec: RembgServiceSpec, pool: str) -> list[Manifest]:
+    """The HPA's signals as KEDA triggers, in the same order as build_hpa's metrics."""
+    autoscaling = spec.autoscaling
+    selector = pool_series_selector(ref, pool)
+    triggers = [_queue_depth_trigger(autoscaling, selector)]
+    if autoscaling.target_latency_p95_seconds is not None:
+        triggers.append(
+            _latency_p95_trigger(autoscaling, selector, autoscaling.target_latency_p95_seconds)
+        )
+    if spec.jobs.enabled:
+        triggers.append(_redis_streams_trigger(ref, spec.jobs))
+    return triggers
+
+
 def build_scaled_object(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan) -> Manifest:
     """KEDA ScaledObject with prometheus triggers on the same signals as the HPA."""
     autoscaling = spec.autoscaling
     keda = autoscaling.keda
     name = ref.pool_object_name(plan.name)
-    selector = pool_series_selector(ref, plan.name)
-    triggers: list[Manifest] = [
-        {
-            "type": "prometheus",
-            "name": "queue-depth",
-            # AverageValue: KEDA divides the fleet total by the replica count.
-            "metricType": "AverageValue",
-            "metadata": {
-                "serverAddress": keda.prometheus_address,
-                "query": f"sum(rembg_pending_requests{{{selector}}})",
-                "threshold": quantity(autoscaling.target_queue_depth_per_pod),
-            },
-        }
-    ]
-    if autoscaling.target_latency_p95_seconds is not None:
-        triggers.append(
-            {
-                "type": "prometheus",
-                "name": "latency-p95",
-                # Value: a latency does not shrink by dividing it across replicas.
-                "metricType": "Value",
-                "metadata": {
-                    "serverAddress": keda.prometheus_address,
-                    "query": (
-                        "histogram_quantile(0.95, sum by (le) "
-                        f"(rate(rembg_request_duration_seconds_bucket{{{selector}}}[2m])))"
-                    ),
-                    "threshold": quantity(autoscaling.target_latency_p95_seconds),
-                },
-            }
-        )
-    if spec.jobs.enabled:
-        triggers.append(_redis_streams_trigger(ref, spec.jobs))
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
@@ -153,7 +165,7 @@ def build_scaled_object(ref: ServiceRef, spec: RembgServiceSpec, plan: PoolPlan)
                     "behavior": build_behavior(autoscaling),
                 }
             },
-            "triggers": triggers,
+            "triggers": _keda_triggers(ref, spec, plan.name),
         },
     }
 

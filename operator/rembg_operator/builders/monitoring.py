@@ -326,43 +326,48 @@ def _gpu_without_gpu(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
 
 
 def _jobs_alerts(ref: ServiceRef, spec: RembgServiceSpec) -> list[Manifest]:
+    return [_jobs_waiting(ref, spec), _jobs_redis_unreachable(ref, spec)]
+
+
+def _jobs_waiting(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
     alerts = spec.monitoring.alerts
     selector = service_series_selector(ref)
     threshold = alerts.jobs_oldest_age_seconds
-    return [
-        {
-            "alert": "RembgJobsWaiting",
-            # Every replica samples the same oldest job: one alert per service, not per pod.
-            "expr": (
-                f"max by (namespace, rembg_service) "
-                f"(rembg_jobs_oldest_age_seconds{{{selector}}}) > {threshold:g}"
+    return {
+        "alert": "RembgJobsWaiting",
+        # Every replica samples the same oldest job: one alert per service, not per pod.
+        "expr": (
+            f"max by (namespace, rembg_service) "
+            f"(rembg_jobs_oldest_age_seconds{{{selector}}}) > {threshold:g}"
+        ),
+        "for": alerts.jobs_oldest_age_for,
+        "labels": {"severity": "warning"},
+        "annotations": {
+            "summary": f"rembg {ref.namespace}/{ref.name}: queued jobs are not picked up",
+            "description": (
+                "The oldest queued job has waited {{ $value | humanizeDuration }} "
+                f"(threshold {threshold:g}s). The pools are at their maximum, too slow to "
+                "scale, or their job workers are stuck."
             ),
-            "for": alerts.jobs_oldest_age_for,
-            "labels": {"severity": "warning"},
-            "annotations": {
-                "summary": f"rembg {ref.namespace}/{ref.name}: queued jobs are not picked up",
-                "description": (
-                    "The oldest queued job has waited {{ $value | humanizeDuration }} "
-                    f"(threshold {threshold:g}s). The pools are at their maximum, too slow to "
-                    "scale, or their job workers are stuck."
-                ),
-            },
         },
-        {
-            "alert": "RembgJobsRedisUnreachable",
-            "expr": (
-                "max by (namespace, rembg_service, pool, pod) "
-                f"(rembg_jobs_redis_up{{{selector}}}) == 0"
+    }
+
+
+def _jobs_redis_unreachable(ref: ServiceRef, spec: RembgServiceSpec) -> Manifest:
+    selector = service_series_selector(ref)
+    return {
+        "alert": "RembgJobsRedisUnreachable",
+        "expr": (
+            f"max by (namespace, rembg_service, pool, pod) (rembg_jobs_redis_up{{{selector}}}) == 0"
+        ),
+        "for": spec.monitoring.alerts.jobs_redis_down_for,
+        "labels": {"severity": "critical"},
+        "annotations": {
+            "summary": f"rembg {ref.namespace}/{ref.name}: a pod cannot reach Redis",
+            "description": (
+                "Pod {{ $labels.pod }} has failed every Redis call for the job path: "
+                "job submissions answer 503 and its workers take no jobs. Check the "
+                f"address in Secret {spec.jobs.redis.secret_name} and the network."
             ),
-            "for": alerts.jobs_redis_down_for,
-            "labels": {"severity": "critical"},
-            "annotations": {
-                "summary": f"rembg {ref.namespace}/{ref.name}: a pod cannot reach Redis",
-                "description": (
-                    "Pod {{ $labels.pod }} has failed every Redis call for the job path: "
-                    "job submissions answer 503 and its workers take no jobs. Check the "
-                    f"address in Secret {spec.jobs.redis.secret_name} and the network."
-                ),
-            },
         },
-    ]
+    }
