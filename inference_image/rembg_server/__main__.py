@@ -12,6 +12,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from rembg_server.app import create_app
+from rembg_server.connections import ConnectionGuard, guarded_protocol
 from rembg_server.logs import configure_logging
 from rembg_server.memory import limit_allocator_growth
 from rembg_server.settings import Settings, describe_error
@@ -62,10 +63,17 @@ def main() -> int:
         if service is not None:
             service.begin_drain()
 
+    # The connection cap is ours (connections.py), not uvicorn's limit_concurrency, which would
+    # refuse the probes and the scrape too; nor the listen backlog, which only bounds
+    # connections not yet accepted (asyncio accepts at once), never the ones being served.
+    guard = ConnectionGuard(
+        settings.header_timeout_seconds, settings.max_connections, app.state.metrics
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(guard),
         log_config=None,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or None,

@@ -77,10 +77,12 @@ def create_app(
         description="Background removal on onnxruntime, with admission control and metrics.",
         lifespan=lifespan,
     )
+    app.state.metrics = metrics  # for the connection layer (connections.py)
     app.include_router(router)
     app.include_router(jobs_router)
     app.add_exception_handler(RequestRejectedError, _rejected)
     app.add_exception_handler(ClientDisconnect, _client_disconnected)
+    app.add_middleware(BodyDeadlineMiddleware, seconds=settings.body_timeout_seconds)
     app.add_middleware(RequestLogMiddleware)
     return app
 
@@ -142,6 +144,43 @@ class RequestLogMiddleware:
                 service.metrics.request_duration.labels(*labels).observe(fields["duration_s"])
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         access_log.log(level, "request", extra={"fields": fields})
+
+
+class BodyDeadlineMiddleware:
+    """The whole body must arrive within `seconds` of the headers. Past that, receive() raises
+    a 408 RequestRejectedError, which the route's body read passes up to the handler of those,
+    and the connection closes: an upload trickling a byte at a time would otherwise hold its
+    connection, and what it buffered, for as long as it liked."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.seconds
+        body_complete = False
+
+        async def receive_by_deadline() -> Message:
+            nonlocal body_complete
+            if body_complete:  # later calls only wait for a disconnect
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestRejectedError(
+                    408,
+                    f"request body not received within {self.seconds:g} s "
+                    "(REMBG_BODY_TIMEOUT_SECONDS)",
+                    {"Connection": "close"},
+                ) from None
+            body_complete = not message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_by_deadline, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -86,6 +86,16 @@ class ServerMetrics:
             LABELS,
             registry=registry,
         )
+        self.http_refused = Counter(
+            "rembg_http_refused",
+            "Requests cut before routing, by reason: header_timeout (headers not complete "
+            "within REMBG_HEADER_TIMEOUT_SECONDS; 408 and closed), over_capacity (503: "
+            "REMBG_MAX_CONNECTIONS connections already busy). Not in rembg_requests_total.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ("header_timeout", "over_capacity"):
+            self.http_refused.labels(reason)  # at zero from the start, for increase()
 
     def declare(self, model: str, device: str) -> None:
         """Exports a model's series from the start, at zero: an idle pod must report a queue

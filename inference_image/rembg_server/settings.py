@@ -80,6 +80,24 @@ class Settings(BaseSettings):
     )
     queue_max_megapixels: float = Field(default=200.0, gt=0)
     request_timeout_seconds: float = Field(default=60.0, gt=0)
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="deadline for a request's headers, from the connection (or the next "
+        "request's first byte); past it 408 and the connection closes",
+    )
+    body_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="deadline for the whole body, from the end of the headers; past it 408 and "
+        "the connection closes (20 MiB in 60 s needs ~2.8 Mbit/s)",
+    )
+    max_connections: int = Field(
+        default=256,
+        ge=1,
+        description="connections with a request in progress; 503 beyond, except /livez, "
+        "/readyz and /metrics. Bounds buffered uploads to this many REMBG_MAX_BODY_BYTES",
+    )
     batch_max_size: int = Field(default=1, ge=1, le=64)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)
     warmup_runs: int = Field(default=2, ge=0)

@@ -132,21 +132,28 @@ def accepting(server: ServerProcess) -> bool:
 
 
 def upload_head(content_length: int, request_id: str, path: str = "/v1/remove") -> bytes:
+    """A POST's headers; Connection: close, so reading the answer ends with it."""
     return (
         f"POST {path} HTTP/1.1\r\nHost: server\r\nContent-Type: image/jpeg\r\n"
-        f"Content-Length: {content_length}\r\nX-Request-ID: {request_id}\r\n\r\n"
+        f"Content-Length: {content_length}\r\nX-Request-ID: {request_id}\r\n"
+        "Connection: close\r\n\r\n"
     ).encode()
 
 
-def read_status(sock: socket.socket) -> int | None:
-    """The status code of the response on `sock`, read until the server closes it; None when
-    it closes (or resets) without answering."""
+def read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends on `sock` until it closes (or resets) the connection."""
     received = b""
     try:
         while chunk := sock.recv(65536):
             received += chunk
     except ConnectionResetError:
         pass
+    return received
+
+
+def read_status(sock: socket.socket) -> int | None:
+    """The status code of the response on `sock`; None when it closes without answering."""
+    received = read_response(sock)
     if not received.startswith(b"HTTP/1.1 "):
         return None
     return int(received.split(b" ", 2)[1])
