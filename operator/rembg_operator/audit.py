@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from rembg_operator import metrics
 from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
 from rembg_operator.kube import KubeApi, api_version_of
 from rembg_operator.state import Key, Services
@@ -55,11 +56,13 @@ class ChildAudit:
             try:
                 await self.audit()
             except Exception as error:  # the API server is away: the watches are too
+                metrics.AUDITS.labels(result="failed").inc()
                 log.warning("child audit failed (again in %ss): %s", AUDIT_RETRY_SECONDS, error)
                 # Soon, not in `interval`: the first audit that succeeds after an outage is
                 # the one that finds what was deleted while nobody watched.
                 wait = AUDIT_RETRY_SECONDS
             else:
+                metrics.AUDITS.labels(result="ok").inc()
                 wait = self._interval
 
     async def audit(self) -> int:
@@ -82,6 +85,7 @@ class ChildAudit:
                     log.info(
                         "%s %s/%s of %s vanished unseen; repairing", kind, namespace, name, key[1]
                     )
+                    metrics.VANISHED_CHILDREN.labels(kind=kind).inc()
                     state.forget_child(child)
                     self._repair(key)
                     vanished += 1

@@ -219,7 +219,8 @@ class KubeClient:
             accept=METADATA_ONLY,
             resource=kind,
         )
-        return {str(item["metadata"]["name"]) for item in found.get("items", [])}
+        # An empty PartialObjectMetadataList comes with "items": null.
+        return {str(item["metadata"]["name"]) for item in found.get("items") or []}
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """JSON merge patch of the status subresource (None values delete keys)."""

@@ -39,3 +39,14 @@ INVALID_SPECS = Gauge(
     "rembg_operator_invalid_specs",
     "RembgServices whose spec is invalid (Degraded/Stalled, children kept).",
 )
+AUDITS = Counter(
+    "rembg_operator_audits_total",
+    "Audits of the children (lists compared with what was applied), by result (ok, failed).",
+    ["result"],
+)
+VANISHED_CHILDREN = Counter(
+    "rembg_operator_vanished_children_total",
+    "Children found missing by an audit (deleted while no watch saw it), by kind; each is "
+    "restored by a full reconcile.",
+    ["kind"],
+)
