@@ -10,6 +10,7 @@ import pytest
 from rembg_operator.kube import (
     RESOURCES,
     ApiError,
+    KubeClient,
     _json_or_none,
     _payload_of,
     build_event,
@@ -284,3 +285,26 @@ def test_kopf_settings_bound_every_watch_and_skip_the_diff_base() -> None:
     body = kopf.Body({"metadata": {"name": "x", "annotations": {"a": "b"}}, "spec": {"big": [1]}})
     assert storage.build(body=body) == {}
     assert storage.fetch(body=body) is None
+
+
+@pytest.mark.anyio
+async def test_list_names_reads_an_empty_metadata_list_and_asks_for_metadata_only() -> None:
+    """Regression: kube-apiserver answers an empty PartialObjectMetadataList with
+    "items": null, which failed every audit of a namespace with none of some kind."""
+    sent: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = [
+        {"items": None},
+        {"items": [{"metadata": {"name": "demo-cpu"}}]},
+    ]
+
+    async def request(method: str, path: str, **options: Any) -> dict[str, Any]:
+        sent.append({"method": method, "path": path, **options})
+        return answers.pop(0)
+
+    client = KubeClient(api=None)  # type: ignore[arg-type]  # request() is replaced below
+    client.request = request  # type: ignore[method-assign]
+    assert await client.list_names("apps/v1", "Deployment", "ns", "a=b") == set()
+    assert await client.list_names("apps/v1", "Deployment", "ns", "a=b") == {"demo-cpu"}
+    assert sent[0]["path"] == "/apis/apps/v1/namespaces/ns/deployments"
+    assert sent[0]["query"] == [("labelSelector", "a=b")]
+    assert "PartialObjectMetadataList" in sent[0]["accept"]
