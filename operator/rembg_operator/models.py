@@ -498,6 +498,27 @@ class ServerSettings(SpecModel):
         description="Per-request deadline; the pods' grace period covers it. "
         + _server_default("REMBG_REQUEST_TIMEOUT_SECONDS", f"{SERVER_REQUEST_TIMEOUT_SECONDS:g}"),
     )
+    header_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=600,
+        description="Deadline for a request's headers; past it 408 and the connection closes. "
+        + _server_default("REMBG_HEADER_TIMEOUT_SECONDS", "10"),
+    )
+    body_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=3600,
+        description="Deadline for a request's whole body; past it 408. "
+        + _server_default("REMBG_BODY_TIMEOUT_SECONDS", "60"),
+    )
+    max_connections: int | None = Field(
+        default=None,
+        ge=1,
+        le=65536,
+        description="Connections with a request in progress; 503 beyond (probes exempt). "
+        + _server_default("REMBG_MAX_CONNECTIONS", "256"),
+    )
     batch_max_size: int | None = Field(
         default=None,
         ge=1,
