@@ -2,8 +2,10 @@
 
 Service creations go first (ServicesFirst): kube-apiserver allocates ClusterIPs one at a
 time, so in a burst of new services the Services, not the operator, set the pace. Each
-apply ends in one ApplyOutcome: applied, skipped (an optional API is not served), recreated
-(a hand edit that apply cannot undo), or failed with the message to report.
+child ends in one ApplyOutcome: applied, unchanged (its manifest is the one last applied and
+the child is as applied: nothing is sent, so an idle fleet makes no writes), skipped (an
+optional API is not served), recreated (a hand edit that apply cannot undo), or failed with
+the message to report.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ class Applied:
 
 
 @dataclass(frozen=True)
+class Unchanged:
+    """Applied before exactly so, and untouched since: not sent again."""
+
+
+@dataclass(frozen=True)
 class Unserved:
     """The child's API group went away since discovery: reported like a missing CRD."""
 
@@ -92,7 +99,7 @@ class Failed:
     problem: str
 
 
-ApplyOutcome = Applied | Unserved | Recreated | Failed
+ApplyOutcome = Applied | Unchanged | Unserved | Recreated | Failed
 
 
 class Applier:
@@ -124,6 +131,8 @@ class Applier:
     async def _apply_classified(
         self, state: ServiceState, manifest: dict[str, Any]
     ) -> ApplyOutcome:
+        if state.unchanged(manifest):
+            return Unchanged()
         try:
             return Applied(await self._apply(state, manifest))
         except ApiError as error:
@@ -160,7 +169,7 @@ class Applier:
     async def _apply_now(self, state: ServiceState, manifest: dict[str, Any]) -> dict[str, Any]:
         events_before = state.deployment_events[manifest["metadata"]["name"]]
         stored = await self.client.apply(manifest)
-        state.observe_applied(stored, events_before)
+        state.observe_applied(manifest, stored, events_before)
         return stored
 
 

@@ -53,7 +53,13 @@ class Controller:
         self.services = Services()
         self.queue: WorkQueue[Key] = WorkQueue()
         self.reconciler = Reconciler(client, settings)
-        self.auditor = ChildAudit(client, self.services, self._repair, settings.audit_seconds)
+        self.auditor = ChildAudit(
+            client,
+            self.services,
+            self._repair,
+            interval=settings.audit_seconds,
+            deep_interval=settings.resync_seconds,
+        )
         self._last_gpu_capacity: int | None = None
 
     async def run(self) -> None:
@@ -103,7 +109,7 @@ class Controller:
             # Our own apply may not have returned yet: judge once it has.
             state.deferred[child] = seen
             return
-        self.request(state.key, full=state.needs_full(child, seen))
+        self.request(state.key, full=state.saw(child, seen))
 
     def on_pod_event(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         """A pool's pod changed: keep what the diagnosis reads, refresh status if that changed.
@@ -181,7 +187,7 @@ class Controller:
     def _judge_deferred(self, state: ServiceState) -> None:
         deferred, state.deferred = state.deferred, {}
         for child, seen in deferred.items():
-            self.request(state.key, full=state.needs_full(child, seen))
+            self.request(state.key, full=state.saw(child, seen))
 
     def _recheck(self, key: Key, after: float | None) -> None:
         if after is not None:

@@ -83,9 +83,15 @@ class KubeApi(Protocol):
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool: ...
 
-    async def list_names(
-        self, api_version: str, kind: str, namespace: str, label_selector: str
-    ) -> set[str]: ...
+    async def list_children(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        label_selector: str,
+        *,
+        metadata_only: bool,
+    ) -> list[dict[str, Any]]: ...
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
 
@@ -208,19 +214,28 @@ class KubeClient:
                 return None
             raise
 
-    async def list_names(
-        self, api_version: str, kind: str, namespace: str, label_selector: str
-    ) -> set[str]:
-        """Names of the objects of a kind in a namespace that match the selector (metadata only)."""
+    async def list_children(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        label_selector: str,
+        *,
+        metadata_only: bool,
+    ) -> list[dict[str, Any]]:
+        """The objects of a kind in a namespace that match the selector, each with its
+        apiVersion and kind (list items carry neither); metadata only if asked."""
         found = await self.request(
             "GET",
             resource_path(api_version, kind, namespace),
             query=[("labelSelector", label_selector)],
-            accept=METADATA_ONLY,
-            resource=kind,
+            accept=METADATA_ONLY if metadata_only else "application/json",
+            resource=f"{kind}List",  # the audit's lists, apart from the reconciles' requests
         )
         # An empty PartialObjectMetadataList comes with "items": null.
-        return {str(item["metadata"]["name"]) for item in found.get("items") or []}
+        return [
+            {**item, "apiVersion": api_version, "kind": kind} for item in found.get("items") or []
+        ]
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         """JSON merge patch of the status subresource (None values delete keys)."""

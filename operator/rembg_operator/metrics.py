@@ -44,9 +44,9 @@ AUDITS = Counter(
     "Audits of the children (lists compared with what was applied), by result (ok, failed).",
     ["result"],
 )
-VANISHED_CHILDREN = Counter(
-    "rembg_operator_vanished_children_total",
-    "Children found missing by an audit (deleted while no watch saw it), by kind; each is "
-    "restored by a full reconcile.",
-    ["kind"],
+AUDIT_REPAIRS = Counter(
+    "rembg_operator_audit_repairs_total",
+    "Children an audit found changed while no watch saw it, by kind and reason (vanished: "
+    "deleted; drifted: edited); each is restored by a full reconcile.",
+    ["kind", "reason"],
 )

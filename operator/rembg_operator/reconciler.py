@@ -23,6 +23,7 @@ from rembg_operator.applier import (
     ApplyOutcome,
     Failed,
     Recreated,
+    Unchanged,
     Unserved,
 )
 from rembg_operator.builders import Capabilities, ServiceRef, build_children
@@ -147,7 +148,7 @@ class Reconciler:
                     await self.events.once(state, "Recreated", message, warning=True)
                 case Failed(problem=problem):
                     errors.append(problem)
-                case Applied():
+                case Applied() | Unchanged():
                     pass
             inventory.append(identity)
         return inventory, errors, skipped

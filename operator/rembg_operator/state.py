@@ -133,6 +133,9 @@ class ServiceState:
     record: Record | None = None
     # Children by (kind, namespace, name): the essence of what the operator last applied.
     children: dict[ChildKey, str] = field(default_factory=dict)
+    # The essence of the manifest last applied, per child, while the child is known to be
+    # as applied: a pass whose manifest is the same skips the apply (no write when idle).
+    applied: dict[ChildKey, str] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> slim
     # Watch events delivered per Deployment name: an apply answer is only as new as its send.
     deployment_events: Counter[str] = field(default_factory=Counter)
@@ -149,13 +152,20 @@ class ServiceState:
     def key(self) -> Key:
         return service_key(self.owner)
 
-    def needs_full(self, child: ChildKey, seen: str | None) -> bool:
-        """Does a child event (seen = its essence, None when deleted) call for a full reconcile?"""
+    def saw(self, child: ChildKey, seen: str | None) -> bool:
+        """A child as a watch or a list shows it (its essence; None when it is gone): True
+        when a full reconcile must follow. A drifted child is applied again by that pass."""
         known = self.children.get(child)
         if seen is None:
             # Deleted: repair unless we pruned it ourselves (then we forgot it already).
-            return known is not None
-        return known != seen
+            if known is not None:
+                self.forget_child(child)
+                return True
+            return False
+        if known != seen:
+            self.applied.pop(child, None)
+            return True
+        return False
 
     def observe_child(self, body: Mapping[str, Any], *, deleted: bool) -> None:
         """A watch event of a child: keep what status reads (the Deployments)."""
@@ -168,9 +178,13 @@ class ServiceState:
         else:
             self.deployments[name] = slim_deployment(body)
 
-    def observe_applied(self, stored: Mapping[str, Any], events_before: int) -> None:
-        """Our own apply returned `stored`; `events_before` counted its watch events at send."""
+    def observe_applied(
+        self, manifest: Mapping[str, Any], stored: Mapping[str, Any], events_before: int
+    ) -> None:
+        """Our apply of `manifest` returned `stored`; `events_before` counted the child's
+        watch events when it was sent."""
         self.children[child_key(stored)] = essence(stored)
+        self.applied[child_key(manifest)] = essence(manifest)
         kind, _, name = child_key(stored)
         if kind == "Deployment" and self.deployment_events[name] == events_before:
             # Not when a watch event came in meanwhile: it may be newer than this answer (a
@@ -178,8 +192,14 @@ class ServiceState:
             # while an older status kept here would stay until the next event, maybe never.
             self.deployments[name] = slim_deployment(stored)
 
+    def unchanged(self, manifest: Mapping[str, Any]) -> bool:
+        """The manifest is what was last applied, and the child is still as applied."""
+        child = child_key(manifest)
+        return child in self.children and self.applied.get(child) == essence(manifest)
+
     def forget_child(self, child: ChildKey) -> None:
         self.children.pop(child, None)
+        self.applied.pop(child, None)
         if child[0] == "Deployment":
             self.deployments.pop(child[2], None)
 

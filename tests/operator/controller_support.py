@@ -55,11 +55,27 @@ class RecordingClient:
         self.calls.append(("delete", kind, name))
         return self.stored.pop((kind, namespace, name), None) is not None
 
-    async def list_names(
-        self, api_version: str, kind: str, namespace: str, label_selector: str
-    ) -> set[str]:
-        self.calls.append(("list", kind, namespace))
-        return {name for (k, ns, name) in self.stored if k == kind and ns == namespace}
+    async def list_children(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        label_selector: str,
+        *,
+        metadata_only: bool,
+    ) -> list[dict[str, Any]]:
+        self.calls.append(("list", kind, namespace, "metadata" if metadata_only else "objects"))
+        found = [
+            copy.deepcopy(o)
+            for (k, ns, _), o in self.stored.items()
+            if (k, ns) == (kind, namespace)
+        ]
+        if metadata_only:
+            return [
+                {"apiVersion": o["apiVersion"], "kind": kind, "metadata": o["metadata"]}
+                for o in found
+            ]
+        return found
 
     async def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         self.calls.append(("status", name))
@@ -84,6 +100,10 @@ class RecordingClient:
 
     def deletes(self) -> list[tuple[str, ...]]:
         return [c for c in self.calls if c[0] == "delete"]
+
+    def edit(self, kind: str, name: str, change: Callable[[dict[str, Any]], None]) -> None:
+        """Edit a stored child as a user would, with no watch event."""
+        change(self.stored[(kind, "ns", name)])
 
     def vanish(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         """Delete a child as a user would, with no watch event (the watch was not connected)."""

@@ -99,7 +99,8 @@ async def test_edited_child_is_reapplied() -> None:
         edited["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
         controller.on_child_event("MODIFIED", edited)
         await settle(controller)
-        assert len(client.applies()) == 2 * applied
+        # Only the edited child is applied again: the others are as applied.
+        assert client.applies()[applied:] == [("apply", "Deployment", "demo-cpu")]
 
 
 async def test_deleted_child_is_reapplied_but_pruned_one_is_not() -> None:
@@ -110,12 +111,12 @@ async def test_deleted_child_is_reapplied_but_pruned_one_is_not() -> None:
         gone = stored_child(client, "Deployment", "demo-cpu")
         controller.on_child_event("DELETED", gone)
         await settle(controller)
-        assert len(client.applies()) == 2 * applied
+        assert client.applies()[applied:] == [("apply", "Deployment", "demo-cpu")]
         stranger = copy.deepcopy(gone)
         stranger["metadata"]["name"] = "demo-gpu"
         controller.on_child_event("DELETED", stranger)
         await settle(controller)
-        assert len(client.applies()) == 2 * applied
+        assert len(client.applies()) == applied + 1
 
 
 async def test_forgetting_a_service_keeps_a_service_whose_name_it_prefixes() -> None:
@@ -129,8 +130,7 @@ async def test_forgetting_a_service_keeps_a_service_whose_name_it_prefixes() -> 
         applied = len(client.applies())
         controller.on_child_event("DELETED", stored_child(client, "Deployment", "demo-cpu-cpu"))
         await settle(controller)
-        assert ("apply", "Deployment", "demo-cpu-cpu") in client.applies()[applied:]
-        assert len(client.applies()) == applied + len(CHILD_KINDS)
+        assert client.applies()[applied:] == [("apply", "Deployment", "demo-cpu-cpu")]
 
 
 async def test_children_deleted_while_no_watch_saw_it_are_found_and_repaired() -> None:
@@ -177,6 +177,11 @@ async def test_the_audit_leaves_children_that_exist_alone() -> None:
         await settle(controller)
         assert len(client.applies()) == applied
         assert {c[1] for c in client.calls if c[0] == "list"} == set(CHILD_KINDS)
+        assert {c[3] for c in client.calls if c[0] == "list"} == {"metadata"}
+        # A deep audit compares whole objects: as applied, nothing to do either.
+        assert await controller.auditor.audit(deep=True) == 0
+        await settle(controller)
+        assert len(client.applies()) == applied
 
 
 async def test_removed_pool_is_pruned() -> None:
@@ -284,13 +289,14 @@ async def test_service_events_reconcile_new_services_and_spec_changes_only() -> 
         assert len(client.applies()) == applied
         controller.on_service_event("MODIFIED", owner({"cpu": {"maxReplicas": 5}}, generation=2))
         await settle(controller)
-        assert len(client.applies()) == 2 * applied
+        # The new generation changes the HPA only: only it is applied.
+        assert client.applies()[applied:] == [("apply", "HorizontalPodAutoscaler", "demo-cpu")]
         # New labels: kopf.adopt copies them to every child.
         labelled = owner({"cpu": {"maxReplicas": 5}}, generation=2)
         labelled["metadata"]["labels"] = {"team": "vision"}
         controller.on_service_event("MODIFIED", labelled)
         await settle(controller)
-        assert len(client.applies()) == 3 * applied
+        assert len(client.applies()) == 2 * applied + 1
 
 
 async def test_service_being_deleted_is_let_go_not_repaired() -> None:
@@ -345,7 +351,9 @@ async def test_existing_service_does_not_hold_up_the_other_children() -> None:
     async with running(client) as controller:
         await created(controller, {"cpu": {}})
         client.release.clear()
-        controller.request(("ns", "demo"), full=True)
+        labelled = owner({"cpu": {}})
+        labelled["metadata"]["labels"] = {"team": "vision"}  # every child changes
+        controller.on_service_event("MODIFIED", labelled)
         # Applying a Service that exists allocates nothing: the rest goes alongside.
         await until(lambda: len(client.applies()) == 2 * len(CHILD_KINDS))
         client.release.set()
@@ -370,7 +378,10 @@ async def test_watch_event_newer_than_an_apply_answer_is_kept() -> None:
         controllers.append(controller)
         await created(controller, {"cpu": {}})
         ready.append(ready_deployment(owner({"cpu": {}})))
-        controller.request(("ns", "demo"), full=True)
+        # A hand edit, so that the next pass applies the Deployment again.
+        edited = stored_child(client, "Deployment", "demo-cpu")
+        edited["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+        controller.on_child_event("MODIFIED", edited)
         await settle(controller)
         assert not ready
         assert conditions(client.statuses[-1])["Ready"]["status"] == "True"
@@ -399,13 +410,15 @@ async def test_one_pass_per_service_at_a_time_and_none_lost() -> None:
         await inside.wait()
         for generation in (2, 3, 4):
             controller.on_service_event(
-                "MODIFIED", owner({"cpu": {"maxReplicas": generation}}, generation=generation)
+                "MODIFIED", owner({"cpu": {"maxReplicas": 3 + generation}}, generation=generation)
             )
         release.set()
         await settle(controller)
     assert not any(overlapping)
-    # The first pass, then one more for the three changes that came during it.
-    assert len(client.applies()) == 2 * len(CHILD_KINDS)
+    # The first pass, then one more for the three changes that came during it (the last
+    # one's HPA is all that differs).
+    assert len(client.applies()) == len(CHILD_KINDS) + 1
+    assert client.applies()[-1] == ("apply", "HorizontalPodAutoscaler", "demo-cpu")
     assert client.statuses[-1]["observedGeneration"] == 4
 
 
@@ -416,13 +429,21 @@ async def test_an_audit_that_fails_is_retried_soon_and_the_controller_keeps_work
     outage = {"left": 3}
 
     class ApiServerAway(RecordingClient):
-        async def list_names(
-            self, api_version: str, kind: str, namespace: str, label_selector: str
-        ) -> set[str]:
+        async def list_children(
+            self,
+            api_version: str,
+            kind: str,
+            namespace: str,
+            label_selector: str,
+            *,
+            metadata_only: bool,
+        ) -> list[dict[str, Any]]:
             if outage["left"]:
                 outage["left"] -= 1
                 raise ConnectionRefusedError("connect: connection refused")
-            return await super().list_names(api_version, kind, namespace, label_selector)
+            return await super().list_children(
+                api_version, kind, namespace, label_selector, metadata_only=metadata_only
+            )
 
     client = ApiServerAway()
     async with running(client, audit_seconds=3600) as controller:
@@ -436,3 +457,55 @@ async def test_an_audit_that_fails_is_retried_soon_and_the_controller_keeps_work
         controller.on_child_event("DELETED", stored_child(client, "Deployment", "demo-cpu"))
         await until(lambda: ("apply", "Deployment", "demo-cpu") in client.applies()[applied:])
         await settle(controller)
+
+
+async def test_a_deep_audit_undoes_an_edit_no_watch_delivered() -> None:
+    client = RecordingClient()
+    async with running(client, audit_seconds=3600) as controller:
+        await created(controller, {"cpu": {}})
+
+        def scale_by_hand(deployment: dict[str, Any]) -> None:
+            deployment["spec"]["template"]["spec"]["containers"][0]["image"] = "evil:1"
+
+        client.edit("Deployment", "demo-cpu", scale_by_hand)
+        assert await controller.auditor.audit() == 0  # names only: it is there
+        applied = len(client.applies())
+        assert await controller.auditor.audit(deep=True) == 1
+        await settle(controller)
+        # Only the edited child is applied again; the others are as applied.
+        assert client.applies()[applied:] == [("apply", "Deployment", "demo-cpu")]
+        image = client.stored[("Deployment", "ns", "demo-cpu")]["spec"]["template"]["spec"][
+            "containers"
+        ][0]["image"]
+        assert image != "evil:1"
+
+
+async def test_an_unchanged_pass_sends_no_write() -> None:
+    """Steady state: a resync (or any full pass) of a fleet nobody changed writes nothing."""
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}, "gpu": {}})
+        controller.on_child_event("MODIFIED", ready_deployment(owner({"cpu": {}, "gpu": {}})))
+        await settle(controller)
+        calls = len(client.calls)
+        events = len(client.events)
+        for _ in range(3):
+            controller.request(("ns", "demo"), full=True)
+            await settle(controller)
+        assert client.calls[calls:] == []
+        assert len(client.events) == events
+
+
+async def test_a_spec_change_applies_only_the_children_it_changes() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}, "gpu": {}})
+        applied = len(client.applies())
+        status = client.statuses[-1]
+        controller.on_service_event(
+            "MODIFIED", owner({"cpu": {"maxReplicas": 7}, "gpu": {}}, generation=2, status=status)
+        )
+        await settle(controller)
+        assert sorted(c[1:] for c in client.applies()[applied:]) == [
+            ("HorizontalPodAutoscaler", "demo-cpu"),
+        ]

@@ -288,7 +288,7 @@ def test_kopf_settings_bound_every_watch_and_skip_the_diff_base() -> None:
 
 
 @pytest.mark.anyio
-async def test_list_names_reads_an_empty_metadata_list_and_asks_for_metadata_only() -> None:
+async def test_list_children_reads_an_empty_metadata_list_and_names_each_item() -> None:
     """Regression: kube-apiserver answers an empty PartialObjectMetadataList with
     "items": null, which failed every audit of a namespace with none of some kind."""
     sent: list[dict[str, Any]] = []
@@ -303,8 +303,14 @@ async def test_list_names_reads_an_empty_metadata_list_and_asks_for_metadata_onl
 
     client = KubeClient(api=None)  # type: ignore[arg-type]  # request() is replaced below
     client.request = request  # type: ignore[method-assign]
-    assert await client.list_names("apps/v1", "Deployment", "ns", "a=b") == set()
-    assert await client.list_names("apps/v1", "Deployment", "ns", "a=b") == {"demo-cpu"}
+    listed = await client.list_children("apps/v1", "Deployment", "ns", "a=b", metadata_only=True)
+    assert listed == []
+    listed = await client.list_children("apps/v1", "Deployment", "ns", "a=b", metadata_only=False)
+    assert listed == [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "demo-cpu"}}
+    ]
     assert sent[0]["path"] == "/apis/apps/v1/namespaces/ns/deployments"
     assert sent[0]["query"] == [("labelSelector", "a=b")]
     assert "PartialObjectMetadataList" in sent[0]["accept"]
+    assert sent[1]["accept"] == "application/json"
+    assert sent[0]["resource"] == "DeploymentList"
