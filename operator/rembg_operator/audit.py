@@ -22,7 +22,8 @@ from typing import Any
 from rembg_operator import metrics
 from rembg_operator.builders.meta import MANAGED_BY, MANAGED_BY_LABEL
 from rembg_operator.kube import KubeApi, api_version_of
-from rembg_operator.state import ChildKey, Key, Services, essence
+from rembg_operator.models import API_GROUP, API_VERSION
+from rembg_operator.state import ChildKey, Key, Services
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 # A re-list comes as a burst of events: the audit waits for it to end.
 AUDIT_DEBOUNCE_SECONDS = 2.0
 AUDIT_RETRY_SECONDS = 2.0
+SERVICE_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 
 class ChildAudit:
@@ -37,14 +39,16 @@ class ChildAudit:
         self,
         client: KubeApi,
         services: Services,
-        repair: Callable[[Key], None],
         *,
+        repair: Callable[[Key], None],
+        forget: Callable[[Key], None],
         interval: float,
         deep_interval: float,
     ) -> None:
         self._client = client
         self._services = services
         self._repair = repair
+        self._forget = forget
         self._interval = interval
         self._deep_interval = deep_interval
         self._relisted = asyncio.Event()
@@ -78,28 +82,54 @@ class ChildAudit:
                     last_deep = loop.time()
 
     async def audit(self, *, deep: bool = False) -> int:
-        """List the children of every namespace with services; repair each one that vanished
-        (and, deep, each one that differs from what was applied). Returns how many.
+        """List the services and children of every namespace with services; forget each
+        service that is gone, repair each child that vanished (and, deep, each one that
+        differs from what was applied). Returns how many children were repaired.
 
-        Only children applied before the list was sent count: one applied since may be
-        newer than the list.
+        A child applied again (or a service busy in a pass) since the list was planned is
+        left alone: it may be newer than the list.
         """
         repaired = 0
         for namespace, kinds in self._applied_children().items():
+            await self._forget_gone_services(namespace)
             for kind, expected in kinds.items():
                 listed = await self._client.list_children(
                     api_version_of(kind), kind, namespace, CHILD_SELECTOR, metadata_only=not deep
                 )
                 live = {obj["metadata"]["name"]: obj for obj in listed}
-                for key, name in expected:
-                    repaired += self._compare(key, (kind, namespace, name), live.get(name), deep)
+                for key, name, applied in expected:
+                    child = (kind, namespace, name)
+                    repaired += self._compare(key, child, applied, live.get(name), deep=deep)
         return repaired
 
-    def _compare(self, key: Key, child: ChildKey, live: dict[str, Any] | None, deep: bool) -> int:
+    async def _forget_gone_services(self, namespace: str) -> None:
+        """A RembgService deleted while no watch saw it is let go, as its DELETED event
+        would have: its children are the garbage collector's, and repairing them fights it."""
+        listed = await self._client.list_children(
+            SERVICE_API_VERSION, "RembgService", namespace, "", metadata_only=True
+        )
+        uids = {obj["metadata"]["name"]: obj["metadata"].get("uid") for obj in listed}
+        for state in self._services:
+            key = state.key
+            if key[0] == namespace and uids.get(key[1]) != state.owner["metadata"].get("uid"):
+                log.info("RembgService %s/%s is gone; forgetting it", *key)
+                self._forget(key)
+
+    def _compare(
+        self,
+        key: Key,
+        child: ChildKey,
+        applied: str,
+        live: dict[str, Any] | None,
+        *,
+        deep: bool,
+    ) -> int:
         state = self._services.get(key)
-        if state is None or child not in state.children:
-            return 0  # forgotten, pruned or re-applied since the list was planned
-        if not state.saw(child, _essence_of(live, state.children[child], deep=deep)):
+        if state is None or state.reconciling or state.children.get(child) != applied:
+            return 0  # forgotten, busy, or applied again since the list was planned
+        if live is not None and not deep:
+            return 0  # there, and a names-only list says nothing more
+        if not state.saw(child, live):
             return 0
         reason = "vanished" if live is None else "drifted"
         log.info("%s %s/%s of %s %s unseen; repairing", *child, key[1], reason)
@@ -107,18 +137,12 @@ class ChildAudit:
         self._repair(key)
         return 1
 
-    def _applied_children(self) -> dict[str, dict[str, list[tuple[Key, str]]]]:
-        """namespace -> kind -> (service, child name) for every child the operator applied."""
-        found: dict[str, dict[str, list[tuple[Key, str]]]] = {}
+    def _applied_children(self) -> dict[str, dict[str, list[tuple[Key, str, str]]]]:
+        """namespace -> kind -> (service, child name, essence as applied) for every child
+        the operator applied; a namespace with services but no children yet is there too."""
+        found: dict[str, dict[str, list[tuple[Key, str, str]]]] = {}
         for state in self._services:
-            for kind, namespace, name in state.children:
-                found.setdefault(namespace, {}).setdefault(kind, []).append((state.key, name))
+            kinds = found.setdefault(state.key[0], {})
+            for (kind, _, name), applied in state.children.items():
+                kinds.setdefault(kind, []).append((state.key, name, applied))
         return found
-
-
-def _essence_of(live: dict[str, Any] | None, applied: str, *, deep: bool) -> str | None:
-    """What the list says of a child: gone (None), its essence, or (names only) that it is
-    there, which says nothing against what was applied."""
-    if live is None:
-        return None
-    return essence(live) if deep else applied

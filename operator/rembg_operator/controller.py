@@ -24,14 +24,13 @@ from rembg_operator import metrics
 from rembg_operator.audit import ChildAudit
 from rembg_operator.kube import KubeApi
 from rembg_operator.pod_health import PodState
-from rembg_operator.reconciler import Reconciler
+from rembg_operator.reconciler import OwnerGoneError, Reconciler
 from rembg_operator.settings import Settings
 from rembg_operator.state import (
     Key,
     Services,
     ServiceState,
     child_key,
-    essence,
     owner_key,
     service_key,
 )
@@ -56,7 +55,8 @@ class Controller:
         self.auditor = ChildAudit(
             client,
             self.services,
-            self._repair,
+            repair=self._repair,
+            forget=self.forget,
             interval=settings.audit_seconds,
             deep_interval=settings.resync_seconds,
         )
@@ -68,7 +68,9 @@ class Controller:
             group.create_task(
                 self.queue.run(self.settings.max_concurrent_reconciles, self._process)
             )
-            group.create_task(self.queue.spread(self._resync_keys, self.settings.resync_seconds))
+            group.create_task(
+                self.queue.spread(self.services.keys, self.settings.resync_seconds, self._repair)
+            )
             group.create_task(self.auditor.run_forever())
 
     # -- events ----------------------------------------------------------------------------
@@ -104,7 +106,7 @@ class Controller:
         if event_type is None:
             self.auditor.relisted()
         child = child_key(body)
-        seen = None if deleted else essence(body)
+        seen = None if deleted else body
         if state.reconciling:
             # Our own apply may not have returned yet: judge once it has.
             state.deferred[child] = seen
@@ -141,6 +143,12 @@ class Controller:
         self.services.forget(key)
         self.queue.discard(key)
         metrics.MANAGED_SERVICES.set(len(self.services))
+        self._count_invalid()
+
+    def _count_invalid(self) -> None:
+        metrics.INVALID_SPECS.set(
+            sum(1 for s in self.services if s.record and s.record.spec_problems)
+        )
 
     # -- work ------------------------------------------------------------------------------
 
@@ -155,7 +163,13 @@ class Controller:
                 await self._full(state)
             else:
                 self._recheck(key, await self.reconciler.refresh_status(state))
+        except OwnerGoneError:
+            # Deleted while no watch said so: let it go, as a DELETED event would have.
+            log.info("RembgService %s/%s is gone; forgetting it", *key)
+            self.forget(key)
         except Exception:
+            if key not in self.services:
+                return  # forgotten meanwhile: nothing to retry
             state.wants_full = True  # the retry is a full pass
             raise
 
@@ -174,9 +188,7 @@ class Controller:
             self._judge_deferred(state)
         if state.record is not None and state.record.has_gpu_pool:
             self._notice_capacity(state.key, outcome.gpu_capacity)
-        metrics.INVALID_SPECS.set(
-            sum(1 for s in self.services if s.record and s.record.spec_problems)
-        )
+        self._count_invalid()
         self._recheck(state.key, outcome.recheck_after)
         if outcome.result == "failed":
             metrics.RECONCILES.labels(kind="full", result="error").inc()
@@ -190,7 +202,7 @@ class Controller:
             self.request(state.key, full=state.saw(child, seen))
 
     def _recheck(self, key: Key, after: float | None) -> None:
-        if after is not None:
+        if after is not None and key in self.services:
             self.queue.add_after(key, after + 1.0)
 
     def _notice_capacity(self, key: Key, capacity: int | None) -> None:
@@ -206,11 +218,3 @@ class Controller:
             stale = record is not None and record.has_gpu_pool and record.gpu_capacity != capacity
             if other.key != key and stale:
                 self.request(other.key, full=True)
-
-    def _resync_keys(self) -> list[Key]:
-        keys = self.services.keys()
-        for key in keys:
-            state = self.services.get(key)
-            if state is not None:
-                state.wants_full = True
-        return keys

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import aiohttp
 
 from rembg_operator.applier import ServicesFirst
 from rembg_operator.kube import ApiError, KubeApi
@@ -22,8 +22,8 @@ class EventRecorder:
         """Post an Event unless the same reason and message was posted for this service."""
         if state.events_posted.get(reason) == message:
             return
-        state.events_posted[reason] = message
-        await self._post(state, reason, message, warning=warning)
+        if await self._post(state, reason, message, warning=warning):
+            state.events_posted[reason] = message
 
     async def pod_findings(self, state: ServiceState, findings: list[PodFinding]) -> None:
         """A Warning Event per (pod, reason) the first time a pod fails that way.
@@ -35,18 +35,24 @@ class EventRecorder:
         troubled = {f.pod for f in findings}
         posted = {p for p in state.pod_events_posted if p[0] in troubled}
         new = [f for f in findings if not f.starting and (f.pod, f.reason) not in posted]
-        posted.update((f.pod, f.reason) for f in new)
+        # The ones over the cap count as said: a whole pool failing at once says it in a few.
+        posted.update((f.pod, f.reason) for f in new[MAX_POD_EVENTS:])
         state.pod_events_posted = posted
         for finding in new[:MAX_POD_EVENTS]:
             message = f"pool {finding.pool}: {finding.summary()}"
             if finding.state:
                 message += f" (state {finding.state})"
-            await self._post(state, finding.reason, message, warning=True)
+            if await self._post(state, finding.reason, message, warning=True):
+                posted.add((finding.pod, finding.reason))
 
-    async def _post(self, state: ServiceState, reason: str, message: str, *, warning: bool) -> None:
+    async def _post(self, state: ServiceState, reason: str, message: str, *, warning: bool) -> bool:
+        """Post it; False when that failed (then it is tried again next time)."""
         await self._services_first.turn()
-        with contextlib.suppress(ApiError):
-            # An Event is best effort: failing to post it must not fail the reconcile.
+        try:
             await self._client.post_event(
                 state.owner, warning=warning, reason=reason, message=message
             )
+        except (ApiError, OSError, TimeoutError, aiohttp.ClientError):
+            # An Event is best effort: failing to post it must not fail the reconcile.
+            return False
+        return True

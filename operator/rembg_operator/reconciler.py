@@ -39,6 +39,10 @@ from rembg_operator.status import Observation, PoolObservation, build_status, no
 Identity = tuple[str, str, str]  # (apiVersion, kind, name) of a child
 
 
+class OwnerGoneError(Exception):
+    """The RembgService no longer exists (its status cannot be written)."""
+
+
 @dataclass(frozen=True)
 class Outcome:
     result: Literal["ok", "invalid", "failed"]
@@ -120,7 +124,12 @@ class Reconciler:
             metrics.RECONCILES.labels(kind="status", result="unchanged").inc()
         else:
             await self.applier.services_first.turn()
-            await self.client.patch_status(*state.key, merge_patch(state.status, status))
+            try:
+                await self.client.patch_status(*state.key, merge_patch(state.status, status))
+            except ApiError as error:
+                if error.not_found:
+                    raise OwnerGoneError(f"{state.key[0]}/{state.key[1]}") from error
+                raise
             state.status = status
             metrics.RECONCILES.labels(kind="status", result="written").inc()
         everything = [f for found in findings.values() for f in found]
@@ -165,14 +174,17 @@ class Reconciler:
             # service's children can have are ever deleted.
             if entry in wanted or not ref.may_own(entry[2]):
                 continue
-            state.forget_child((entry[1], ref.namespace, entry[2]))
             try:
                 await self.client.delete(entry[0], entry[1], ref.namespace, entry[2])
             except ApiError as error:
                 if error.status != 404:
+                    # Kept in the inventory, so the retry deletes it again.
                     errors.append(f"delete {entry[1]} {entry[2]}: {error.message}")
+                    inventory.append(entry)
+                    continue
             except KeyError:
                 continue  # a kind this operator version does not know
+            state.forget_child((entry[1], ref.namespace, entry[2]))
         return errors
 
     async def _capabilities(self, spec: RembgServiceSpec) -> Capabilities:

@@ -33,7 +33,12 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(default="json", description="Log format.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
     resync_seconds: float = Field(
-        default=600.0, gt=0, description="Full re-apply of every RembgService (safety net)."
+        default=600.0,
+        gt=0,
+        description=(
+            "Safety net: a full pass of every RembgService (it sends only what differs) and "
+            "a list of whole children compared with what was applied, this often."
+        ),
     )
     audit_seconds: float = Field(
         default=30.0,
@@ -59,7 +64,7 @@ class Settings(BaseSettings):
         default=90.0, gt=0, description="Restart a watch stream silent for this long."
     )
     max_concurrent_reconciles: int = Field(
-        default=32, ge=1, description="Full reconciles running at the same time."
+        default=32, ge=1, description="Work-queue workers: passes (full or status) at once."
     )
 
     @property

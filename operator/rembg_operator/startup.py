@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -80,9 +82,19 @@ async def start(kopf_settings: kopf.OperatorSettings, memo: kopf.Memo, resources
     memo.client = client
     memo.controller = controller
     memo.controller_task = asyncio.create_task(controller.run(), name="rembg:controller")
+    memo.controller_task.add_done_callback(_exit_if_failed)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.bind_address)
         log.info("metrics on %s:%d/metrics", settings.bind_address, settings.metrics_port)
+
+
+def _exit_if_failed(task: asyncio.Task[None]) -> None:
+    """The workers are gone: the watches would fill a queue nobody works off while liveness
+    stays green. Stop the process instead, so its supervisor starts a fresh one."""
+    if task.cancelled() or task.exception() is None:
+        return
+    log.critical("the controller stopped: %r; exiting", task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 async def stop(memo: kopf.Memo) -> None:

@@ -31,13 +31,16 @@ ChildKey = tuple[str, str, str]  # (kind, namespace, name)
 CONTROLLER_ANNOTATIONS = frozenset({"deployment.kubernetes.io/revision"})
 
 
-def essence(body: Mapping[str, Any]) -> str:
-    """A digest of what a child should look like: no status, no server bookkeeping."""
+def essence(body: Mapping[str, Any], *, replicas: bool = True) -> str:
+    """A digest of what a child should look like: no status, no server bookkeeping; without
+    spec.replicas when `replicas` is False (an autoscaler owns them)."""
     meta = body.get("metadata") or {}
     annotations = {
         k: v for k, v in (meta.get("annotations") or {}).items() if k not in CONTROLLER_ANNOTATIONS
     }
     relevant = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+    if not replicas and isinstance(relevant.get("spec"), Mapping):
+        relevant["spec"] = {k: v for k, v in relevant["spec"].items() if k != "replicas"}
     relevant["@labels"] = meta.get("labels") or {}
     relevant["@annotations"] = annotations
     relevant["@owners"] = meta.get("ownerReferences") or []
@@ -131,8 +134,12 @@ class ServiceState:
     owner: dict[str, Any]
     status: dict[str, Any] = field(default_factory=dict)
     record: Record | None = None
-    # Children by (kind, namespace, name): the essence of what the operator last applied.
+    # Children by (kind, namespace, name): the essence of each as the operator's last apply
+    # answered it; a watch event or a list with another essence means someone changed it.
     children: dict[ChildKey, str] = field(default_factory=dict)
+    # Deployments whose replicas an autoscaler sets (their manifest has none): a scale is
+    # not an edit.
+    scaled_elsewhere: set[ChildKey] = field(default_factory=set)
     # The essence of the manifest last applied, per child, while the child is known to be
     # as applied: a pass whose manifest is the same skips the apply (no write when idle).
     applied: dict[ChildKey, str] = field(default_factory=dict)
@@ -146,23 +153,27 @@ class ServiceState:
     wants_full: bool = True
     # Child events that came during a full reconcile: judged once its applies returned.
     reconciling: bool = False
-    deferred: dict[ChildKey, str | None] = field(default_factory=dict)
+    deferred: dict[ChildKey, Mapping[str, Any] | None] = field(default_factory=dict)
 
     @property
     def key(self) -> Key:
         return service_key(self.owner)
 
-    def saw(self, child: ChildKey, seen: str | None) -> bool:
-        """A child as a watch or a list shows it (its essence; None when it is gone): True
-        when a full reconcile must follow. A drifted child is applied again by that pass."""
+    def essence_of(self, body: Mapping[str, Any]) -> str:
+        return essence(body, replicas=child_key(body) not in self.scaled_elsewhere)
+
+    def saw(self, child: ChildKey, body: Mapping[str, Any] | None) -> bool:
+        """A child as a watch or a list shows it (None when it is gone): True when a full
+        reconcile must follow. A drifted child is applied again by that pass."""
         known = self.children.get(child)
-        if seen is None:
-            # Deleted: repair unless we pruned it ourselves (then we forgot it already).
-            if known is not None:
-                self.forget_child(child)
-                return True
-            return False
-        if known != seen:
+        if known is None:
+            # Never applied (or pruned, or gone already): nothing of ours to repair, unless
+            # no pass has run yet (that first pass applies everything anyway).
+            return self.record is None
+        if body is None:
+            self.forget_child(child)
+            return True
+        if self.essence_of(body) != known:
             self.applied.pop(child, None)
             return True
         return False
@@ -183,8 +194,13 @@ class ServiceState:
     ) -> None:
         """Our apply of `manifest` returned `stored`; `events_before` counted the child's
         watch events when it was sent."""
-        self.children[child_key(stored)] = essence(stored)
-        self.applied[child_key(manifest)] = essence(manifest)
+        child = child_key(manifest)
+        if child[0] == "Deployment" and "replicas" not in (manifest.get("spec") or {}):
+            self.scaled_elsewhere.add(child)
+        else:
+            self.scaled_elsewhere.discard(child)
+        self.children[child] = self.essence_of(stored)
+        self.applied[child] = essence(manifest)
         kind, _, name = child_key(stored)
         if kind == "Deployment" and self.deployment_events[name] == events_before:
             # Not when a watch event came in meanwhile: it may be newer than this answer (a
@@ -235,14 +251,17 @@ class Services:
         key = service_key(body)
         owner = slim_owner(body)
         state = self._states.get(key)
-        if state is None:
-            state = ServiceState(owner=owner, pods=self._early_pods.pop(key, {}))
+        if state is None or state.owner["metadata"].get("uid") != owner["metadata"].get("uid"):
+            # New here, or deleted and created again under the same name: nothing of the old
+            # object applies (its Events, children, digests), except the pods seen already.
+            pods = self._early_pods.pop(key, {}) if state is None else state.pods
+            state = ServiceState(owner=owner, pods=pods, status=dict(body.get("status") or {}))
             self._states[key] = state
-            changed = True
-        else:
-            changed = identity(state.owner) != identity(owner)
-            state.owner = owner
-        state.status = dict(body.get("status") or {})
+            return state, True
+        changed = identity(state.owner) != identity(owner)
+        state.owner = owner
+        # The status is the operator's to write: what it wrote last stands, not a late echo
+        # of an earlier write.
         return state, changed
 
     def forget(self, key: Key) -> None:

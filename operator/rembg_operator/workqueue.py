@@ -127,8 +127,15 @@ class WorkQueue(Generic[K]):
             for index in range(workers):
                 group.create_task(self._work(process), name=f"worker-{index}")
 
-    async def spread(self, keys: Callable[[], Iterable[K]], interval: float) -> None:
-        """Add every key once per `interval`, evenly spaced, until cancelled (a resync)."""
+    async def spread(
+        self,
+        keys: Callable[[], Iterable[K]],
+        interval: float,
+        add: Callable[[K], None] | None = None,
+    ) -> None:
+        """Add every key once per `interval`, evenly spaced, until cancelled (a resync);
+        through `add` when given (e.g. to say what kind of run the key needs)."""
+        add = add or self.add
         while True:
             batch = list(keys())
             if not batch:
@@ -137,7 +144,7 @@ class WorkQueue(Generic[K]):
             gap = interval / len(batch)
             for key in batch:
                 await asyncio.sleep(gap)
-                self.add(key)
+                add(key)
 
     async def _work(self, process: Callable[[K], Awaitable[None]]) -> None:
         while True:

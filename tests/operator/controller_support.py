@@ -160,8 +160,12 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 async def created(controller: Controller, spec: Mapping[str, Any], *, name: str = "demo") -> None:
-    """A RembgService created and its first full reconcile done."""
-    controller.on_service_event("ADDED", owner(spec, name=name))
+    """A RembgService created (in the fake API server too, where the audit lists it) and its
+    first full reconcile done."""
+    body = owner(spec, name=name)
+    if isinstance(controller.client, RecordingClient):
+        controller.client.stored[("RembgService", "ns", name)] = copy.deepcopy(body)
+    controller.on_service_event("ADDED", body)
     await settle(controller)
 
 

@@ -11,6 +11,7 @@ import pytest
 from rembg_operator import audit as audit_module
 from rembg_operator.builders.meta import SERVICE_LABEL
 from rembg_operator.controller import Controller
+from rembg_operator.kube import ApiError
 
 from tests.operator.controller_support import (
     RecordingClient,
@@ -52,7 +53,9 @@ async def test_applied_children_are_owned_by_the_service() -> None:
     client = RecordingClient()
     async with running(client) as controller:
         await created(controller, {"cpu": {}})
-    for stored in client.stored.values():
+    children = [o for (kind, _, _), o in client.stored.items() if kind != "RembgService"]
+    assert len(children) == len(CHILD_KINDS)
+    for stored in children:
         (ref,) = stored["metadata"]["ownerReferences"]
         assert ref["uid"] == "u-demo"
         assert ref["controller"] is True
@@ -176,7 +179,7 @@ async def test_the_audit_leaves_children_that_exist_alone() -> None:
         assert await controller.auditor.audit() == 0
         await settle(controller)
         assert len(client.applies()) == applied
-        assert {c[1] for c in client.calls if c[0] == "list"} == set(CHILD_KINDS)
+        assert {c[1] for c in client.calls if c[0] == "list"} == {*CHILD_KINDS, "RembgService"}
         assert {c[3] for c in client.calls if c[0] == "list"} == {"metadata"}
         # A deep audit compares whole objects: as applied, nothing to do either.
         assert await controller.auditor.audit(deep=True) == 0
@@ -509,3 +512,103 @@ async def test_a_spec_change_applies_only_the_children_it_changes() -> None:
         assert sorted(c[1:] for c in client.applies()[applied:]) == [
             ("HorizontalPodAutoscaler", "demo-cpu"),
         ]
+
+
+async def test_a_service_deleted_while_no_watch_saw_it_is_let_go_not_fought() -> None:
+    """Regression (review): a RembgService deleted during an outage stayed known, and each
+    child the garbage collector removed was applied again, forever."""
+    client = RecordingClient()
+    async with running(client, audit_seconds=3600) as controller:
+        await created(controller, {"cpu": {}})
+        client.vanish("RembgService", "ns", "demo")
+        await controller.auditor.audit()
+        assert ("ns", "demo") not in controller.services
+        applied = len(client.applies())
+        controller.on_child_event("DELETED", stored_child(client, "Deployment", "demo-cpu"))
+        await settle(controller)
+        assert len(client.applies()) == applied
+
+
+async def test_a_status_write_answered_404_forgets_the_service() -> None:
+    class Gone(RecordingClient):
+        async def patch_status(self, namespace: str, name: str, status: Any) -> None:
+            raise ApiError(404, "NotFound", f'rembgservices.rembg.io "{name}" not found')
+
+    client = Gone()
+    async with running(client) as controller:
+        controller.on_service_event("ADDED", owner({"cpu": {}}))
+        await until(lambda: ("ns", "demo") not in controller.services)
+        await settle(controller)
+        assert not controller.queue.delayed(("ns", "demo"))  # no retry of a gone service
+
+
+async def test_a_scale_by_the_autoscaler_is_not_an_edit() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        applied = len(client.applies())
+        scaled = stored_child(client, "Deployment", "demo-cpu")
+        scaled["spec"]["replicas"] = 3
+        controller.on_child_event("MODIFIED", scaled)
+        await settle(controller)
+        assert len(client.applies()) == applied
+
+
+async def test_a_hand_scale_of_a_fixed_pool_is_undone() -> None:
+    client = RecordingClient()
+    spec = {"cpu": {"minReplicas": 2, "maxReplicas": 2}, "autoscaling": {"enabled": False}}
+    async with running(client) as controller:
+        await created(controller, spec)
+        applied = len(client.applies())
+        scaled = stored_child(client, "Deployment", "demo-cpu")
+        assert "replicas" in deployment_manifest_for(owner(spec))["spec"]
+        scaled["spec"]["replicas"] = 5
+        controller.on_child_event("MODIFIED", scaled)
+        await settle(controller)
+        assert client.applies()[applied:] == [("apply", "Deployment", "demo-cpu")]
+
+
+async def test_a_prune_that_fails_is_kept_and_retried() -> None:
+    class DeleteFails(RecordingClient):
+        failures = 1
+
+        async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+            if DeleteFails.failures and kind == "Deployment":
+                DeleteFails.failures -= 1
+                self.calls.append(("delete", kind, name))
+                raise ApiError(500, "InternalError", "etcd is sad")
+            return await super().delete(api_version, kind, namespace, name)
+
+    client = DeleteFails()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}, "gpu": {}})
+        controller.on_service_event(
+            "MODIFIED", owner({"cpu": {}}, generation=2, status=client.statuses[-1])
+        )
+        await settle(controller)
+        inventory = {(i["kind"], i["name"]) for i in client.statuses[-1]["inventory"]}
+        assert ("Deployment", "demo-gpu") in inventory  # still to delete
+        await until(lambda: ("Deployment", "ns", "demo-gpu") not in client.stored)
+        await settle(controller)
+    deletes = [c for c in client.deletes() if c[1:] == ("Deployment", "demo-gpu")]
+    assert len(deletes) == 2
+    inventory = {(i["kind"], i["name"]) for i in client.statuses[-1]["inventory"]}
+    assert ("Deployment", "demo-gpu") not in inventory
+
+
+async def test_a_service_created_again_under_its_name_starts_afresh() -> None:
+    client = RecordingClient()
+    async with running(client) as controller:
+        await created(controller, {"cpu": {}})
+        again = owner({"cpu": {}})
+        again["metadata"]["uid"] = "u-demo-2"
+        controller.on_service_event("ADDED", again)  # its DELETED event was missed
+        await settle(controller)
+    applied = [c for c in client.events if c[0] == "Applied"]
+    assert len(applied) == 2  # one per object, though both were generation 1
+    owners = {
+        o["metadata"]["ownerReferences"][0]["uid"]
+        for (k, _, _), o in client.stored.items()
+        if k != "RembgService"
+    }
+    assert owners == {"u-demo-2"}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from rembg_operator import models
 from rembg_operator.builders import ServiceRef, build_deployment, build_service, plan_pools
 from rembg_operator.builders.plan import PoolPlan
@@ -402,3 +403,40 @@ def test_the_server_defaults_the_operator_relies_on_are_the_servers() -> None:
     assert fields["request_timeout_seconds"].default == models.SERVER_REQUEST_TIMEOUT_SECONDS
     assert fields["canary_interval_seconds"].default == models.SERVER_CANARY_INTERVAL_SECONDS
     assert fields["canary_timeout_seconds"].default == models.SERVER_CANARY_TIMEOUT_SECONDS
+
+
+SERVER_DEFAULT_IN_DESCRIPTION = {
+    # operator field: how kubectl explain quotes the server's default
+    "max_pixels": lambda v: f"{v}",
+    "queue_max_megapixels": lambda v: f"{v:g}",
+    "request_timeout_seconds": lambda v: f"{v:g}",
+    "header_timeout_seconds": lambda v: f"{v:g}",
+    "body_timeout_seconds": lambda v: f"{v:g}",
+    "max_connections": lambda v: f"{v}",
+    "batch_max_size": lambda v: f"{v}",
+    "batch_max_wait_ms": lambda v: f"{v:g}",
+    "warmup_runs": lambda v: f"{v}",
+    "log_format": lambda v: f"{v}",
+    "alpha_matting_enabled": lambda v: "true" if v else "false",
+    "max_body_bytes": lambda v: f"{v // 2**20} MiB",
+}
+
+
+@pytest.mark.parametrize("field", sorted(SERVER_DEFAULT_IN_DESCRIPTION))
+def test_kubectl_explain_quotes_the_servers_own_default(field: str) -> None:
+    """The CRD says what an unset field means; the number must be the server's, not a copy
+    gone stale."""
+    quoted = SERVER_DEFAULT_IN_DESCRIPTION[field](ServerProcessSettings.model_fields[field].default)
+    description = models.ServerSettings.model_fields[field].description or ""
+    assert f"the server's default, {quoted} (" in description, description
+
+
+def test_the_derived_defaults_are_described_as_the_server_derives_them() -> None:
+    fields = ServerProcessSettings.model_fields
+    assert fields["queue_max_requests"].default == 0  # 0 = derived from the CPU limit
+    assert "2 per CPU" in (fields["queue_max_requests"].description or "")
+    assert "2 per CPU" in (
+        models.ServerSettings.model_fields["queue_max_requests"].description or ""
+    )
+    assert fields["threads"].default == 0
+    assert "CPU limit" in (models.ServerSettings.model_fields["threads"].description or "")

@@ -148,3 +148,32 @@ async def test_spread_adds_every_key_once_per_interval_evenly() -> None:
 def test_a_queue_needs_a_backoff() -> None:
     with pytest.raises(ValueError, match="backoff"):
         WorkQueue[str](backoff=())
+
+
+async def test_a_key_discarded_while_it_runs_is_not_run_again() -> None:
+    queue: WorkQueue[str] = WorkQueue(backoff=(0.01,))
+    runs: list[str] = []
+    release = asyncio.Event()
+
+    async def process(key: str) -> None:
+        runs.append(key)
+        await release.wait()
+
+    async with working(queue, process):
+        queue.add("a")
+        await until(lambda: runs == ["a"])
+        queue.add("a")  # dirty: would run once more
+        queue.discard("a")
+        release.set()
+        await until(lambda: not queue.busy)
+        await asyncio.sleep(0.05)
+    assert runs == ["a"]
+
+
+async def test_backoff_starts_over_after_a_success() -> None:
+    queue: WorkQueue[str] = WorkQueue(backoff=(0.01, 10.0))
+    assert queue.add_rate_limited("a") == 0.01
+    queue.forget("a")
+    assert queue.add_rate_limited("a") == 0.01
+    assert queue.add_rate_limited("a") == 10.0
+    queue.discard("a")
