@@ -4,7 +4,7 @@ disturb the session's shared cluster).
 kube-apiserver is killed, stays down, and comes back; right after, while the operator's
 watches reconnect, the Deployment, Service and HPA of a Ready service are deleted. No watch
 event may ever say so: the operator must notice (its audit lists the children and compares
-them with what it applied) and restore every one within an audit interval.
+them with what it applied) and restore every one within seconds.
 
 What the watches miss is kube-apiserver's doing: with the restarted API server's watch cache
 off (`--watch-cache=false`) every deletion arrived as a watch event and the audit found
@@ -39,6 +39,7 @@ DOWN_SECONDS = 40.0
 # Deleted this long after the API server answers again: while the watches reconnect.
 DELETE_AFTER_SECONDS = 5.0
 AUDIT_SECONDS = 30
+RESTORE_SECONDS = 20.0
 DELETED = (("deployment", f"{SERVICE}-cpu"), ("service", SERVICE), ("hpa", f"{SERVICE}-cpu"))
 
 
@@ -108,7 +109,7 @@ def test_children_deleted_while_the_watches_reconnect_are_restored(
     # Single replicas without leader election: nothing made them exit across the outage.
     assert running["kube-controller-manager"], running
     assert running["kube-scheduler"], running
-    # Within one audit interval (plus the re-list debounce and the applies), not at the next
-    # resync (600 s) or never, as before.
-    assert restored_after < AUDIT_SECONDS + 15, samples
+    # The audit runs every few seconds for a minute after an outage: restored within a few
+    # audits, not at the next audit interval, the next resync (600 s) or never, as before.
+    assert restored_after < RESTORE_SECONDS, samples
     assert children(cluster, NAMESPACE, SERVICE) == before, "every child is back, nothing else"

@@ -2,13 +2,15 @@
 
 A deletion made while a watch was not connected may never arrive as an event (after a
 kube-apiserver restart, resumed watches were seen to miss deletions made seconds later, by
-kopf and kube-controller-manager alike). So the audit lists the children, names only, every
-`interval`, at once when a re-list shows that a watch restarted, and soon again after a
-failed attempt (the API server is away, and so are the watches), and treats every child the
-operator applied and the list lacks as deleted: client-go's informers deliver those as
-"deleted, final state unknown". Every `deep_interval` it lists whole objects and compares
-each with what was applied, so an edit no watch delivered is undone too; this replaces a
-resync that re-applies everything (and writes while nothing changed).
+kopf and kube-controller-manager alike). So the audit lists the children, names only:
+- every `interval`, and at once when a re-list shows that a watch restarted;
+- every few seconds from a failed attempt (the API server is away, and so are the watches)
+  until a minute after: deletions right after an API server restart reached no watch.
+Every child the operator applied and the list lacks is treated as deleted (client-go's
+informers deliver those as "deleted, final state unknown"). Every `deep_interval` it lists
+whole objects and compares each with what was applied, so an edit no watch delivered is
+undone too; this replaces a resync that re-applies everything (and writes while nothing
+changed).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 # A re-list comes as a burst of events: the audit waits for it to end.
 AUDIT_DEBOUNCE_SECONDS = 2.0
 AUDIT_RETRY_SECONDS = 2.0
+# After a failed audit (an outage), audits come every AUDIT_RETRY_SECONDS for this long.
+AUDIT_AFTER_OUTAGE_SECONDS = 60.0
 SERVICE_API_VERSION = f"{API_GROUP}/{API_VERSION}"
 
 
@@ -61,6 +65,7 @@ class ChildAudit:
         loop = asyncio.get_running_loop()
         wait = self._interval
         last_deep = loop.time()
+        watchful_until = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._relisted.wait(), wait)
@@ -72,12 +77,13 @@ class ChildAudit:
             except Exception as error:  # the API server is away: the watches are too
                 metrics.AUDITS.labels(result="failed").inc()
                 log.warning("child audit failed (again in %ss): %s", AUDIT_RETRY_SECONDS, error)
-                # Soon, not in `interval`: the first audit that succeeds after an outage is
-                # the one that finds what was deleted while nobody watched.
+                # The watches resume as the API server comes back, and what is deleted in
+                # the first seconds after may reach none of them: audit often until then.
+                watchful_until = loop.time() + AUDIT_AFTER_OUTAGE_SECONDS
                 wait = AUDIT_RETRY_SECONDS
             else:
                 metrics.AUDITS.labels(result="ok").inc()
-                wait = self._interval
+                wait = AUDIT_RETRY_SECONDS if loop.time() < watchful_until else self._interval
                 if deep:
                     last_deep = loop.time()
 

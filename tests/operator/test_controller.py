@@ -612,3 +612,38 @@ async def test_a_service_created_again_under_its_name_starts_afresh() -> None:
         if k != "RembgService"
     }
     assert owners == {"u-demo-2"}
+
+
+async def test_after_an_outage_the_audit_stays_watchful_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deletions made in the first seconds after the API server returns reached no watch:
+    the audit runs every few seconds for a while after a failed one, not every interval."""
+    monkeypatch.setattr(audit_module, "AUDIT_RETRY_SECONDS", 0.05)
+    outage = {"left": 1}
+
+    class ApiServerBack(RecordingClient):
+        async def list_children(
+            self,
+            api_version: str,
+            kind: str,
+            namespace: str,
+            label_selector: str,
+            *,
+            metadata_only: bool,
+        ) -> list[dict[str, Any]]:
+            if outage["left"]:
+                outage["left"] -= 1
+                raise ConnectionRefusedError("connect: connection refused")
+            return await super().list_children(
+                api_version, kind, namespace, label_selector, metadata_only=metadata_only
+            )
+
+    client = ApiServerBack()
+    async with running(client, audit_seconds=3600) as controller:
+        await created(controller, {"cpu": {}})
+        controller.on_service_event(None, owner({"cpu": {}}, status=client.statuses[-1]))
+        await until(lambda: not outage["left"])
+        await asyncio.sleep(0.2)  # a few good audits after the failed one
+        client.vanish("HorizontalPodAutoscaler", "ns", "demo-cpu")
+        await until(lambda: ("HorizontalPodAutoscaler", "ns", "demo-cpu") in client.stored)
