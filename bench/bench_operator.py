@@ -220,6 +220,16 @@ def operator_counters(port: int) -> tuple[float, float]:
     return requests, reconciles
 
 
+def requests_by_kind(port: int) -> dict[str, float]:
+    """'METHOD resource' -> requests sent so far, the audit's lists left out."""
+    found: dict[str, float] = {}
+    for name, labels, value in _operator_samples(port):
+        if name == "rembg_operator_api_requests_total" and not labels["resource"].endswith("List"):
+            request = f"{labels['method']} {labels['resource']}"
+            found[request] = found.get(request, 0.0) + value
+    return found
+
+
 def audit_requests(port: int) -> float:
     """The audit's list requests sent so far (resource `<Kind>List`)."""
     return sum(
@@ -372,6 +382,7 @@ async def run_size(
     limit = asyncio.Semaphore(CREATE_CONCURRENCY)
     async with watching(client, namespace) as timeline:
         requests_before, reconciles_before = operator_counters(port)
+        kinds_before = requests_by_kind(port)
 
         async def create(name: str) -> None:
             async with limit:
@@ -387,6 +398,7 @@ async def run_size(
         await wait_for_all(lambda: len(timeline.ready), size)
         await asyncio.sleep(SETTLE_SECONDS)
         requests_after, reconciles_after = operator_counters(port)
+        kinds_after = requests_by_kind(port)
     requests = requests_after - requests_before
     reconciles = reconciles_after - reconciles_before
     return {
@@ -395,6 +407,11 @@ async def run_size(
         "full_reconciles": reconciles,
         "api_requests_per_service": requests / size,
         "api_requests_per_full_reconcile": requests / reconciles if reconciles else None,
+        "api_requests_by_kind": {
+            request: count - kinds_before.get(request, 0.0)
+            for request, count in sorted(kinds_after.items())
+            if count > kinds_before.get(request, 0.0)
+        },
     }
 
 

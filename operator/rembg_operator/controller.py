@@ -134,7 +134,12 @@ class Controller:
         if state is None:
             return
         state.wants_full = state.wants_full or full
-        self.queue.add(key)
+        if full:
+            self.queue.add(key)
+        else:
+            # Readiness changes come in bursts (a pod's phases, then its Deployment's
+            # counters): one status write for the burst, not one per event.
+            self.queue.add_after(key, self.settings.status_coalesce_seconds)
 
     def _repair(self, key: Key) -> None:
         self.request(key, full=True)

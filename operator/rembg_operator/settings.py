@@ -48,6 +48,14 @@ class Settings(BaseSettings):
             "(also at once after a watch re-list)."
         ),
     )
+    status_coalesce_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "Readiness events within this long of the first become one status write (0 = "
+            "one per event)."
+        ),
+    )
     discovery_ttl_seconds: float = Field(
         default=30.0, gt=0, description="How long optional-API discovery answers are reused."
     )

@@ -127,7 +127,11 @@ def owner(
 
 
 def settings(**overrides: Any) -> Settings:
-    return Settings(metrics_port=0, liveness_port=0, **overrides)
+    # Status writes at once unless a test asks otherwise: settle() waits for queued keys,
+    # not for delayed ones.
+    return Settings(
+        metrics_port=0, liveness_port=0, **{"status_coalesce_seconds": 0.0, **overrides}
+    )
 
 
 @asynccontextmanager

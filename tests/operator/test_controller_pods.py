@@ -3,6 +3,7 @@ says why pods are not ready, and a Warning Event is posted once per (pod, reason
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,6 +25,7 @@ from tests.operator.controller_support import (
     owner,
     running,
     settle,
+    until,
 )
 
 pytestmark = pytest.mark.anyio
@@ -199,3 +201,17 @@ def test_the_pod_selector_matches_the_labels_the_pod_template_carries() -> None:
         assert labels["app.kubernetes.io/managed-by"] == "rembg-operator"
         assert labels["rembg.io/pool"] in ("cpu", "gpu")
         assert labels["rembg.io/service"] == "demo"
+
+
+async def test_a_burst_of_readiness_events_is_one_status_write() -> None:
+    client = RecordingClient()
+    async with running(client, status_coalesce_seconds=0.2) as controller:
+        await created(controller, SPEC)
+        writes = len(client.statuses)
+        for name in ("demo-cpu-a", "demo-cpu-b", "demo-cpu-c"):
+            controller.on_pod_event("ADDED", pods.image_pull_backoff(name))
+        await until(lambda: len(client.statuses) > writes)
+        await asyncio.sleep(0.3)
+        await settle(controller)
+        assert len(client.statuses) == writes + 1
+        assert _cpu_status(client)["notReadyPods"] == 3
