@@ -110,6 +110,30 @@ class RecordingClient:
         return self.stored.pop((kind, namespace, name))
 
 
+class ListsFail(RecordingClient):
+    """The API server away for the audit's first `times` lists (connection refused)."""
+
+    def __init__(self, *, times: int) -> None:
+        super().__init__()
+        self.failures_left = times
+
+    async def list_children(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str,
+        label_selector: str,
+        *,
+        metadata_only: bool,
+    ) -> list[dict[str, Any]]:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionRefusedError("connect: connection refused")
+        return await super().list_children(
+            api_version, kind, namespace, label_selector, metadata_only=metadata_only
+        )
+
+
 def owner(
     spec: Mapping[str, Any],
     generation: int = 1,

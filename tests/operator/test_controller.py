@@ -14,6 +14,7 @@ from rembg_operator.controller import Controller
 from rembg_operator.kube import ApiError
 
 from tests.operator.controller_support import (
+    ListsFail,
     RecordingClient,
     conditions,
     created,
@@ -429,32 +430,13 @@ async def test_an_audit_that_fails_is_retried_soon_and_the_controller_keeps_work
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(audit_module, "AUDIT_RETRY_SECONDS", 0.05)
-    outage = {"left": 3}
-
-    class ApiServerAway(RecordingClient):
-        async def list_children(
-            self,
-            api_version: str,
-            kind: str,
-            namespace: str,
-            label_selector: str,
-            *,
-            metadata_only: bool,
-        ) -> list[dict[str, Any]]:
-            if outage["left"]:
-                outage["left"] -= 1
-                raise ConnectionRefusedError("connect: connection refused")
-            return await super().list_children(
-                api_version, kind, namespace, label_selector, metadata_only=metadata_only
-            )
-
-    client = ApiServerAway()
+    client = ListsFail(times=3)
     async with running(client, audit_seconds=3600) as controller:
         await created(controller, {"cpu": {}})
         client.vanish("Service", "ns", "demo")
         controller.on_service_event(None, owner({"cpu": {}}, status=client.statuses[-1]))
         await until(lambda: ("Service", "ns", "demo") in client.stored)
-        assert not outage["left"]
+        assert not client.failures_left
         # Still serving events after the failed audits.
         applied = len(client.applies())
         controller.on_child_event("DELETED", stored_child(client, "Deployment", "demo-cpu"))
@@ -620,30 +602,11 @@ async def test_after_an_outage_the_audit_stays_watchful_for_a_while(
     """Deletions made in the first seconds after the API server returns reached no watch:
     the audit runs every few seconds for a while after a failed one, not every interval."""
     monkeypatch.setattr(audit_module, "AUDIT_RETRY_SECONDS", 0.05)
-    outage = {"left": 1}
-
-    class ApiServerBack(RecordingClient):
-        async def list_children(
-            self,
-            api_version: str,
-            kind: str,
-            namespace: str,
-            label_selector: str,
-            *,
-            metadata_only: bool,
-        ) -> list[dict[str, Any]]:
-            if outage["left"]:
-                outage["left"] -= 1
-                raise ConnectionRefusedError("connect: connection refused")
-            return await super().list_children(
-                api_version, kind, namespace, label_selector, metadata_only=metadata_only
-            )
-
-    client = ApiServerBack()
+    client = ListsFail(times=1)
     async with running(client, audit_seconds=3600) as controller:
         await created(controller, {"cpu": {}})
         controller.on_service_event(None, owner({"cpu": {}}, status=client.statuses[-1]))
-        await until(lambda: not outage["left"])
+        await until(lambda: not client.failures_left)
         await asyncio.sleep(0.2)  # a few good audits after the failed one
         client.vanish("HorizontalPodAutoscaler", "ns", "demo-cpu")
         await until(lambda: ("HorizontalPodAutoscaler", "ns", "demo-cpu") in client.stored)
