@@ -237,6 +237,14 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
     assert cluster.state.teardown_problems == []
 
 
+def _scraped(targets: list[dict[str, Any]], monitor: str) -> bool:
+    mine = [t for t in targets if t["scrapePool"].startswith(f"serviceMonitor/{monitor}")]
+    if any(t["health"] == "up" for t in mine):
+        return True
+    print(f"not up yet: {[(t['scrapeUrl'], t['health'], t.get('lastError')) for t in mine]}")
+    return False
+
+
 def test_prometheus_scrapes_the_fleet_through_our_service_monitor(monitored: Monitored) -> None:
     """The operator's ServiceMonitor (not a hand-written scrape config) makes the Prometheus
     Operator's Prometheus scrape the pods, with the labels our rules select by; our
@@ -257,9 +265,13 @@ def test_prometheus_scrapes_the_fleet_through_our_service_monitor(monitored: Mon
     assert target["labels"]["pool"] == "cpu"
     groups = {g["name"] for g in prometheus.rule_groups()}
     assert {f"rembg.{FLEET}.demo.alerts", f"rembg.{FLEET}.demo.recording"} <= groups, groups
-    up = {t["scrapePool"] for t in prometheus.active_targets() if t["health"] == "up"}
     for monitor in (f"{MONITORING_NAMESPACE}/kube-state-metrics", SYSTEM):
-        assert any(p.startswith(f"serviceMonitor/{monitor}") for p in up), (monitor, up)
+        # Each is scraped on its own schedule: the first scrape may still be due.
+        eventually(
+            lambda monitor=monitor: _scraped(prometheus.active_targets(), monitor),
+            what=f"an up target of {monitor}",
+            timeout=60,
+        )
     alertmanagers = prometheus.alertmanagers()
     assert alertmanagers == [f"{monitored.stack.alertmanager.url}/api/v2/alerts"], alertmanagers
 
