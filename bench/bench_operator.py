@@ -205,38 +205,26 @@ def _operator_samples(port: int) -> list[tuple[str, dict[str, str], float]]:
     ]
 
 
-def operator_counters(port: int) -> tuple[float, float]:
-    """(API requests sent, full reconciles) from the operator's /metrics.
-
-    The audit's lists (resource `<Kind>List`) are left out: they are per namespace and per
-    audit interval, not per reconcile (audit_requests counts them).
-    """
-    requests = reconciles = 0.0
-    for name, labels, value in _operator_samples(port):
-        if name == "rembg_operator_api_requests_total" and not labels["resource"].endswith("List"):
-            requests += value
-        if name == "rembg_operator_reconciles_total" and labels.get("kind") == "full":
-            reconciles += value
-    return requests, reconciles
-
-
-def requests_by_kind(port: int) -> dict[str, float]:
-    """'METHOD resource' -> requests sent so far, the audit's lists left out."""
-    found: dict[str, float] = {}
-    for name, labels, value in _operator_samples(port):
-        if name == "rembg_operator_api_requests_total" and not labels["resource"].endswith("List"):
-            request = f"{labels['method']} {labels['resource']}"
-            found[request] = found.get(request, 0.0) + value
-    return found
-
-
-def audit_requests(port: int) -> float:
-    """The audit's list requests sent so far (resource `<Kind>List`)."""
+def full_reconciles(port: int) -> float:
+    """Full reconciles so far, from the operator's /metrics."""
     return sum(
         value
         for name, labels, value in _operator_samples(port)
-        if name == "rembg_operator_api_requests_total" and labels["resource"].endswith("List")
+        if name == "rembg_operator_reconciles_total" and labels.get("kind") == "full"
     )
+
+
+def requests_by_kind(port: int, *, audit: bool = False) -> dict[str, float]:
+    """'METHOD resource' -> requests sent so far: the reconciles' or (audit) the audit's lists
+    (resource `<Kind>List`), which are per namespace and interval, not per reconcile."""
+    found: dict[str, float] = {}
+    for name, labels, value in _operator_samples(port):
+        if name != "rembg_operator_api_requests_total":
+            continue
+        if labels["resource"].endswith("List") == audit:
+            request = f"{labels['method']} {labels['resource']}"
+            found[request] = found.get(request, 0.0) + value
+    return found
 
 
 def operator_writes(port: int) -> dict[str, float]:
@@ -381,7 +369,7 @@ async def run_size(
     names = service_names(size)
     limit = asyncio.Semaphore(CREATE_CONCURRENCY)
     async with watching(client, namespace) as timeline:
-        requests_before, reconciles_before = operator_counters(port)
+        reconciles_before = full_reconciles(port)
         kinds_before = requests_by_kind(port)
 
         async def create(name: str) -> None:
@@ -397,9 +385,9 @@ async def run_size(
         await asyncio.gather(*(create(n) for n in names))
         await wait_for_all(lambda: len(timeline.ready), size)
         await asyncio.sleep(SETTLE_SECONDS)
-        requests_after, reconciles_after = operator_counters(port)
+        reconciles_after = full_reconciles(port)
         kinds_after = requests_by_kind(port)
-    requests = requests_after - requests_before
+    requests = sum(kinds_after.values()) - sum(kinds_before.values())
     reconciles = reconciles_after - reconciles_before
     return {
         **summarize(timeline, names, started, timeline.ready),
@@ -668,10 +656,10 @@ async def idle_window(port: int, seconds: float, operator_started: float) -> dic
     print(f"operator: idle for {seconds:.0f} s, counting its API writes ...", flush=True)
     uptime = clock() - operator_started
     before = operator_writes(port)
-    lists_before = audit_requests(port)
+    lists_before = sum(requests_by_kind(port, audit=True).values())
     await asyncio.sleep(seconds)
     after = operator_writes(port)
-    audit_lists = audit_requests(port) - lists_before
+    audit_lists = sum(requests_by_kind(port, audit=True).values()) - lists_before
     by_request = {
         request: after[request] - before.get(request, 0.0)
         for request in sorted(after)
@@ -887,7 +875,7 @@ async def _wait_for_metrics(port: int) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
-            operator_counters(port)
+            full_reconciles(port)
         except OSError:
             await asyncio.sleep(0.3)
         else:

@@ -36,7 +36,7 @@ from rembg_operator.settings import Settings
 from rembg_operator.state import PoolTarget, Record, ServiceState
 from rembg_operator.status import Observation, PoolObservation, build_status, now_utc, same_status
 
-Identity = tuple[str, str, str]  # (apiVersion, kind, name) of a child
+ChildIdentity = tuple[str, str, str]  # (apiVersion, kind, name) of a child
 
 
 class OwnerGoneError(Exception):
@@ -138,13 +138,13 @@ class Reconciler:
 
     async def _tally(
         self, state: ServiceState, desired: DesiredChildren, outcomes: list[ApplyOutcome]
-    ) -> tuple[list[Identity], list[str], list[Skipped]]:
+    ) -> tuple[list[ChildIdentity], list[str], list[Skipped]]:
         """The inventory, errors and skipped children of one pass's applies.
 
         Everything wanted stays in the inventory, applied or not: a child that failed to
         apply this time must never be pruned because of it.
         """
-        inventory: list[Identity] = []
+        inventory: list[ChildIdentity] = []
         errors: list[str] = []
         skipped = list(desired.skipped)
         for manifest, outcome in zip(desired.manifests, outcomes, strict=True):
@@ -163,7 +163,7 @@ class Reconciler:
         return inventory, errors, skipped
 
     async def _prune(
-        self, state: ServiceState, ref: ServiceRef, inventory: list[Identity]
+        self, state: ServiceState, ref: ServiceRef, inventory: list[ChildIdentity]
     ) -> list[str]:
         """Delete children that an earlier reconcile applied and this one did not."""
         wanted = set(inventory)
@@ -272,7 +272,7 @@ def _record(
     capabilities: Capabilities,
     *,
     generation: int,
-    inventory: list[Identity],
+    inventory: list[ChildIdentity],
     errors: list[str],
     skipped: list[Skipped],
 ) -> Record:

@@ -219,9 +219,6 @@ class ServiceState:
         if child[0] == "Deployment":
             self.deployments.pop(child[2], None)
 
-    def children_of_kind(self, kind: str) -> Iterator[ChildKey]:
-        return (child for child in self.children if child[0] == kind)
-
 
 class Services:
     """Every RembgService this operator manages, by key; forget() is the one way to let go."""

@@ -50,9 +50,6 @@ class WorkQueue(Generic[K]):
         """Keys are waiting or running (delayed ones do not count)."""
         return bool(self._order or self._processing)
 
-    def is_processing(self, key: K) -> bool:
-        return key in self._processing
-
     def add(self, key: K) -> None:
         if key in self._dirty:
             return
