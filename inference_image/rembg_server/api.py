@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from rembg_server.dataplane import DataPlane, RemovalResult
+from rembg_server.errors import RequestRejectedError
 from rembg_server.params import RembgFormParams, RemoveParams
-from rembg_server.service import RemovalResult, RemovalService, RequestRejectedError
 
 router = APIRouter()
 
@@ -42,12 +43,12 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def get_service(request: Request) -> RemovalService:
-    service: RemovalService = request.app.state.service
+def get_service(request: Request) -> DataPlane:
+    service: DataPlane = request.app.state.service
     return service
 
 
-Service = Annotated[RemovalService, Depends(get_service)]
+Service = Annotated[DataPlane, Depends(get_service)]
 
 
 @router.post(
@@ -127,7 +128,8 @@ def image_response(request: Request, result: RemovalResult) -> Response:
     fields: dict[str, Any] = {"bytes_out": len(result.body), "cache": headers["X-Cache"]}
     if result.header is not None:
         fields.update(width=result.header.width, height=result.header.height)
-    fields.update({f"{k}_s": round(v, 4) for k, v in vars(result.timings).items()})
+    fields.update({f"{k}_s": round(v, 4) for k, v in result.timings.wall().items()})
+    fields["cpu_s"] = round(sum(result.timings.cpu.values()), 4)
     request.state.log.update(fields)
     return Response(result.body, media_type=result.media_type, headers=headers)
 
@@ -141,7 +143,7 @@ async def wait_for_disconnect(request: Request) -> None:
 # --- body ------------------------------------------------------------------------------------
 
 
-async def shed_early(request: Request, service: RemovalService) -> None:
+async def shed_early(request: Request, service: DataPlane) -> None:
     """A full queue answers 429 without parsing or probing: under a flood, rejections must be
     cheap or they eat the CPU the admitted requests need. The body is still drained, because
     closing a socket with unread data makes the kernel reset it and the client would see a

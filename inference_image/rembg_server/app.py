@@ -7,7 +7,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,10 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from rembg_server import __version__
 from rembg_server.api import router
 from rembg_server.canary import REASONS, Canary
+from rembg_server.dataplane import DataPlane
+from rembg_server.errors import RequestRejectedError
+from rembg_server.imaging import disable_pillow_pixel_guard
 from rembg_server.jobs.manager import JobManager
 from rembg_server.jobs.routes import router as jobs_router
 from rembg_server.metrics import CanaryMetrics, JobMetrics, ServerMetrics
-from rembg_server.service import RemovalService, RequestRejectedError
 from rembg_server.settings import Settings
 
 log = logging.getLogger("rembg_server")
@@ -35,11 +37,12 @@ def create_app(
     settings: Settings, registry: CollectorRegistry | None = None, *, autostart: bool = True
 ) -> FastAPI:
     """Build the app. With autostart=False the caller runs `app.state.service.prepare()`."""
+    disable_pillow_pixel_guard()
     metrics = ServerMetrics(registry if registry is not None else CollectorRegistry())
+    service = DataPlane(settings, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = RemovalService(settings, metrics)
         app.state.service = service
         if service.faults.enabled:
             log.warning(
@@ -83,7 +86,7 @@ def create_app(
     app.add_exception_handler(RequestRejectedError, _rejected)
     app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_middleware(BodyDeadlineMiddleware, seconds=settings.body_timeout_seconds)
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(RequestLogMiddleware, record=service.record_request)
     return app
 
 
@@ -100,11 +103,16 @@ async def _client_disconnected(request: Request, _error: Exception) -> JSONRespo
     return await _rejected(request, RequestRejectedError(499, "client disconnected during upload"))
 
 
-class RequestLogMiddleware:
-    """X-Request-ID, one log line per request, rembg_requests_total and request duration."""
+RequestRecorder = Callable[[str | None, int, float], None]  # model named, status, seconds
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class RequestLogMiddleware:
+    """X-Request-ID and one log line per request; each removal request's model (as its route
+    named it in the log fields, if it got that far), status and duration go to `record`."""
+
+    def __init__(self, app: ASGIApp, record: RequestRecorder) -> None:
         self.app = app
+        self.record = record
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -134,14 +142,7 @@ class RequestLogMiddleware:
     def _record(self, scope: Scope, fields: dict[str, Any]) -> None:
         path = fields["path"]
         if path in REMOVAL_PATHS:
-            service: RemovalService | None = getattr(scope["app"].state, "service", None)
-            if service is not None:
-                model = fields.get("model") or service.settings.default_model
-                if model not in service.settings.models:
-                    model = "unknown"  # keep label cardinality bounded
-                labels = (model, service.device_of(model))
-                service.metrics.requests.labels(*labels, str(fields["status"])).inc()
-                service.metrics.request_duration.labels(*labels).observe(fields["duration_s"])
+            self.record(fields.get("model"), fields["status"], fields["duration_s"])
         level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
         access_log.log(level, "request", extra={"fields": fields})
 

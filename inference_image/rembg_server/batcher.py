@@ -44,7 +44,7 @@ class BatchWorker:
 
     Several workers (each with its own onnxruntime session and thread) may share one queue
     (REMBG_INFERENCE_WORKERS); by default one session uses every CPU thread, and the
-    decode/encode threads yield to it (see RemovalService).
+    decode/encode threads yield to it (see pipeline.py).
     """
 
     def __init__(

@@ -3,7 +3,7 @@
 `/livez` and `/readyz` say the process answers and the models loaded; this says inference
 works. Right after the start-up warmup, then every REMBG_CANARY_INTERVAL_SECONDS, each loaded
 model cuts out a photo shipped with the package through the serving path itself
-(`RemovalService.probe_removal`: the same decode, sessions, queue, compose and PNG encoder as a
+(`DataPlane.probe_removal`: the same decode, sessions, queue, compose and PNG encoder as a
 request), and the output is judged: it decodes, it has an alpha channel, and its mask (alpha
 thresholded at 0.5) overlaps the known mask with an IoU of at least REMBG_CANARY_MIN_IOU.
 Runs are sequential (one model after the other, never two runs at once), each model's bounded
@@ -43,8 +43,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from rembg_server.dataplane import DataPlane
 from rembg_server.metrics import CanaryMetrics
-from rembg_server.service import RemovalService
 
 log = logging.getLogger("rembg_server.canary")
 
@@ -147,7 +147,7 @@ class Canary:
 
     def __init__(
         self,
-        service: RemovalService,
+        service: DataPlane,
         metrics: CanaryMetrics,
         reference: Reference | None = None,
         clock: Callable[[], float] = time.time,
@@ -181,7 +181,7 @@ class Canary:
     async def _loop(self) -> None:
         await self.service.wait_prepared()
         for name in self.settings.models:
-            if name not in self.service.models:  # not servable: readiness already says why
+            if name not in self.service.registry:  # not servable: readiness already says why
                 self.service.set_health(health_check(name), None)
         while True:
             await self.run_once()
@@ -191,7 +191,7 @@ class Canary:
         """Check every loaded model, one after the other; a second caller waits its turn."""
         async with self._lock:
             verdicts = {}
-            for name in list(self.service.models):
+            for name in self.service.registry.names():
                 started = time.monotonic()
                 verdict = await self._verdict(name)
                 self._publish(name, verdict, time.monotonic() - started)

@@ -108,7 +108,7 @@ def build_session_options(threads: int, cpu_arena: bool = True) -> ort.SessionOp
     25-40% faster inference (no page faults on fresh buffers every run).
 
     Spinning is off: an idle intra-op thread that spins keeps its core from the decode/encode
-    threads, which run at a lower priority (see RemovalService) and only get the CPU when
+    threads, which run at a lower priority (see pipeline.py) and only get the CPU when
     inference leaves it.
     """
     options = ort.SessionOptions()

@@ -15,11 +15,6 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Formats a photo API needs; everything else is refused before any decoder runs.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
-# probe() and decode() check every header against REMBG_MAX_PIXELS before any pixel is
-# decoded (Image.open reads the header only), so Pillow's own guard is off: it would fire
-# first above twice its limit, and its message quotes that internal threshold, not ours.
-Image.MAX_IMAGE_PIXELS = None
-
 
 class ImageRejectedError(Exception):
     """An input the server refuses; `status` is the HTTP code that says why."""
@@ -56,6 +51,15 @@ class ImageHeader:
     @property
     def megapixels(self) -> float:
         return self.pixels / 1e6
+
+
+def disable_pillow_pixel_guard() -> None:
+    """Turn off Pillow's process-wide decompression-bomb guard; the server's entry point
+    (create_app) calls it once. probe() and decode() check every header against
+    REMBG_MAX_PIXELS before any pixel is decoded (Image.open reads the header only), but
+    Pillow's guard runs inside Image.open, before them: it would warn above its limit, refuse
+    above twice that, and quote its own threshold instead of ours."""
+    Image.MAX_IMAGE_PIXELS = None
 
 
 def probe(data: bytes, max_pixels: int) -> ImageHeader:

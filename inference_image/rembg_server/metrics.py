@@ -86,6 +86,13 @@ class ServerMetrics:
             LABELS,
             registry=registry,
         )
+        self.stage_cpu = Counter(
+            "rembg_stage_cpu_seconds",
+            "CPU time of the image pipeline's stages off the inference thread (decode, "
+            "preprocess, postprocess, compose, encode), summed over removal requests.",
+            [*LABELS, "stage"],
+            registry=registry,
+        )
         self.http_refused = Counter(
             "rembg_http_refused",
             "Requests cut before routing, by reason: header_timeout (headers not complete "

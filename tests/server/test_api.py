@@ -60,12 +60,48 @@ async def test_v1_remove_returns_a_cutout_with_model_and_timing_headers(
     assert response.headers["x-model"] == "u2netp"
     assert response.headers["x-request-id"] == "req-42"
     stages = {part.split(";")[0].strip() for part in response.headers["server-timing"].split(",")}
-    assert stages == {"decode", "queue", "inference", "encode"}
+    assert stages == {
+        "decode",
+        "preprocess",
+        "queue",
+        "inference",
+        "postprocess",
+        "compose",
+        "encode",
+    }
     image = png(response.content)
     assert (image.mode, image.size) == ("RGBA", (512, 512))
     alpha = np.asarray(image)[:, :, 3]
     assert alpha.min() == 0
     assert alpha.max() == 255  # a person on a background: both ends of the mask occur
+
+
+async def test_each_cpu_stage_of_a_request_is_counted_under_its_own_name(
+    client: httpx.AsyncClient, photos: dict[str, bytes]
+) -> None:
+    """Compose is its own stage (not `encode`), and so are the model's pre- and
+    postprocessing (not `decode`): the stage CPU counter names each one."""
+
+    def stage_cpu(text: str) -> dict[str, float]:
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("rembg_stage_cpu_seconds_total{"):
+                stage = line.split('stage="')[1].split('"')[0]
+                found[stage] = float(line.rsplit(" ", 1)[1])
+        return found
+
+    before = stage_cpu((await client.get("/metrics")).text)
+    response = await client.post("/v1/remove", content=photos["chelsea"])
+    assert response.status_code == 200, response.text
+    after = stage_cpu((await client.get("/metrics")).text)
+    spent = {stage: after[stage] - before.get(stage, 0.0) for stage in after}
+    assert set(spent) == {"decode", "preprocess", "postprocess", "compose", "encode"}
+    assert all(seconds > 0 for seconds in spent.values()), spent
+    timing = dict(
+        part.strip().split(";dur=") for part in response.headers["server-timing"].split(",")
+    )
+    assert float(timing["compose"]) > 0
+    assert float(timing["preprocess"]) > 0
 
 
 async def test_v1_remove_accepts_multipart_and_webp_output(

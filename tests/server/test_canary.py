@@ -301,7 +301,7 @@ async def test_a_broken_model_fails_the_canary_on_iou_turns_unready_and_recovers
         assert warning.fields["iou"] < 0.01  # type: ignore[attr-defined]
 
         # The real weights in the same worker: one pass makes the server ready again.
-        [worker] = service_of(client).models["u2netp"].workers
+        [worker] = service_of(client).registry["u2netp"].workers
         [worker.model] = load_model(LoadRequest("u2netp", model_dir, {}, "cpu", False, 1, 1))
         assert (await canary_of(client).run_once())["u2netp"].passed
         assert (await client.get("/readyz")).status_code == 200
@@ -337,7 +337,7 @@ async def test_a_canary_run_takes_no_admission_slot_and_never_overlaps_another(
     ) as client:
         assert (await first_verdict(client)).passed
         gated = gate_model(client)
-        served = service_of(client).models["u2netp"]
+        served = service_of(client).registry["u2netp"]
         first = asyncio.create_task(canary_of(client).run_once())
         await wait_until(lambda: asyncio.to_thread(gated.entered.is_set))
         second = asyncio.create_task(canary_of(client).run_once())

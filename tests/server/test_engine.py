@@ -32,7 +32,7 @@ from rembg_server.engine import (
 )
 from rembg_server.imaging import encode_png
 from rembg_server.memory import limit_allocator_growth
-from rembg_server.service import lower_thread_priority
+from rembg_server.pipeline import lower_thread_priority
 from rembg_server.settings import Settings, cpu_limit
 
 

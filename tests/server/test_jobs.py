@@ -434,7 +434,7 @@ async def test_cancel_a_running_job_stops_its_work_and_stores_nothing(
         await wait_for_metric(client, metric, "rembg_jobs_running", 0, model="u2netp")
         assert await metric(client, "rembg_pending_requests", model="u2netp") == 0
         gated.gate.set()
-        served = service_of(client).models["u2netp"]
+        served = service_of(client).registry["u2netp"]
         await wait_until(lambda: asyncio.to_thread(served.idle))
         redis = raw_redis(redis_server)
         async with redis:

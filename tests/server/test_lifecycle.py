@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from rembg_server.admission import AdmissionBudget
 from rembg_server.cache import ResultCache
+from rembg_server.dataplane import DataPlane
 from rembg_server.engine import Heartbeat
-from rembg_server.service import RemovalService
 
 pytestmark = pytest.mark.anyio
 Metric = Callable[..., Awaitable[float]]
@@ -129,14 +129,14 @@ class GatedModel:
         return result
 
 
-def service_of(client: httpx.AsyncClient) -> RemovalService:
-    service: RemovalService = client.app.state.service  # type: ignore[attr-defined]
+def service_of(client: httpx.AsyncClient) -> DataPlane:
+    service: DataPlane = client.app.state.service  # type: ignore[attr-defined]
     return service
 
 
 def gate_model(client: httpx.AsyncClient) -> GatedModel:
     """Gate the (single) inference worker of u2netp; the tests run with one worker."""
-    [worker] = service_of(client).models["u2netp"].workers
+    [worker] = service_of(client).registry["u2netp"].workers
     gated = GatedModel(worker.model)
     worker.model = gated
     return gated
@@ -239,7 +239,7 @@ async def test_deadline_passed_while_queued_is_503_and_during_inference_504(
         assert int(shed.headers["retry-after"]) >= 1
         batches_before = await metric(client, "rembg_batch_size_count", model="u2netp")
         gated.gate.set()
-        served = service_of(client).models["u2netp"]
+        served = service_of(client).registry["u2netp"]
         await wait_until(lambda: asyncio.to_thread(served.idle))
         # Only the stuck call ran; the job abandoned in the queue was skipped.
         assert await metric(client, "rembg_batch_size_count", model="u2netp") == batches_before + 1

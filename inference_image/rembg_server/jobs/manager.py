@@ -1,6 +1,6 @@
 """The job path's front: submission checks, status, results, cancellation; owns the workers.
 
-HTTP-free like RemovalService: routes.py turns requests into calls here and maps
+HTTP-free like the dataplane: routes.py turns requests into calls here and maps
 RequestRejectedError to responses.
 """
 
@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from rembg_server.dataplane import DataPlane
+from rembg_server.errors import RequestRejectedError
 from rembg_server.jobs.records import JobRecord, NewJob
 from rembg_server.jobs.store import JobStore, JobStoreUnavailableError
 from rembg_server.jobs.webhook import WebhookRefusedError, WebhookSender, check_webhook_url
@@ -29,7 +31,6 @@ from rembg_server.params import (
     RemoveParams,
     describe_errors,
 )
-from rembg_server.service import RemovalService, RequestRejectedError
 
 log = logging.getLogger("rembg_server.jobs")
 T = TypeVar("T")
@@ -38,7 +39,7 @@ WEBHOOK_DRAIN_SECONDS = 5.0
 
 
 class JobManager:
-    def __init__(self, service: RemovalService, metrics: JobMetrics) -> None:
+    def __init__(self, service: DataPlane, metrics: JobMetrics) -> None:
         self.service = service
         self.settings = settings = service.settings
         self.metrics = metrics

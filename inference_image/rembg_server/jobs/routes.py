@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from rembg_server.api import IMAGE_CONTENT, read_body, read_image
+from rembg_server.errors import RequestRejectedError
 from rembg_server.jobs.manager import JobManager, JobNotDoneError
 from rembg_server.jobs.records import JOB_ID, status_url
 from rembg_server.params import BatchItem, BatchManifest, JobParams, describe_errors
-from rembg_server.service import RequestRejectedError
 
 router = APIRouter(tags=["jobs"])
 

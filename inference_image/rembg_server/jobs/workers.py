@@ -1,7 +1,7 @@
 """Job workers: in-process consumers of the job stream, on the same pool as /v1/remove.
 
 Each worker holds at most one job. It claims one only when the server is ready and the
-admission budget has a free request slot, then runs it through RemovalService.remove (the
+admission budget has a free request slot, then runs it through DataPlane.remove (the
 very pipeline of a synchronous request: ticket, probe, decode, inference queue, compose,
 encode). Losing the admission race to a synchronous request (429) means waiting for the next
 released slot, with the job still held and no attempt counted.
@@ -22,10 +22,13 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from redis.backoff import ExponentialBackoff
+
+from rembg_server.dataplane import DataPlane, RemovalResult
+from rembg_server.errors import RequestRejectedError
 from rembg_server.jobs.records import Claim, JobRecord
 from rembg_server.jobs.store import GaveUp, JobStore, JobStoreUnavailableError
 from rembg_server.metrics import JobMetrics
-from rembg_server.service import RemovalResult, RemovalService, RequestRejectedError
 
 log = logging.getLogger("rembg_server.jobs")
 
@@ -66,21 +69,8 @@ class Interrupted:
 Outcome = Completed | Rejected | Transient | Interrupted
 
 
-class Backoff:
-    """Capped exponential delays while Redis is away."""
-
-    def __init__(self, base: float = 0.2, cap: float = 5.0) -> None:
-        self._base = base
-        self._cap = cap
-        self._failures = 0
-
-    def next(self) -> float:
-        delay = min(self._cap, self._base * 2.0**self._failures)
-        self._failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self._failures = 0
+# Delays between tries while Redis is away: redis-py's own capped exponential backoff.
+OUTAGE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.2)
 
 
 async def wait_any(*events: asyncio.Event, seconds: float | None = None) -> None:
@@ -114,7 +104,7 @@ class ClaimKeeper:
 class JobWorkers:
     def __init__(
         self,
-        service: RemovalService,
+        service: DataPlane,
         store: JobStore,
         metrics: JobMetrics,
         on_terminal: Callable[[JobRecord], None],
@@ -163,20 +153,22 @@ class JobWorkers:
     # --- the consumer loop ----------------------------------------------------------------------
 
     async def _consume(self, consumer: str) -> None:
-        backoff = Backoff()
+        failures = 0
         while not self._stopping.is_set():
             if not await self._may_take_a_job():
                 continue
             try:
                 claimed = await self._claim(consumer)
             except JobStoreUnavailableError:
-                await wait_any(self._stopping, seconds=backoff.next())
+                await wait_any(self._stopping, seconds=OUTAGE_BACKOFF.compute(failures))
+                failures += 1
                 continue
             except Exception:  # a bug must not silently end the worker
                 log.exception("job worker error", extra={"fields": {"consumer": consumer}})
-                await wait_any(self._stopping, seconds=backoff.next())
+                await wait_any(self._stopping, seconds=OUTAGE_BACKOFF.compute(failures))
+                failures += 1
                 continue
-            backoff.reset()
+            failures = 0
             if isinstance(claimed, GaveUp):
                 self._on_terminal(claimed.record)
             elif claimed is not None:
@@ -305,14 +297,15 @@ class JobWorkers:
     ) -> JobRecord | None:
         """Write a job's outcome, waiting out a Redis outage; a process that stops first
         leaves the job to the visibility timeout (another worker runs it again)."""
-        backoff = Backoff()
+        failures = 0
         while True:
             try:
                 return await operation()
             except JobStoreUnavailableError:
                 if self._abort.is_set():
                     return None
-                await wait_any(self._abort, seconds=backoff.next())
+                await wait_any(self._abort, seconds=OUTAGE_BACKOFF.compute(failures))
+                failures += 1
 
     # --- backlog metrics ------------------------------------------------------------------------
 
