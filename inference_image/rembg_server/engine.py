@@ -11,8 +11,10 @@ Two ways to run a rembg model:
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +28,11 @@ from rembg_server.checksums import KNOWN_DIGESTS, Digest, ModelFileError, verify
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
+# Not an onnxruntime execution provider: the OpenVINO runtime's CPU plugin runs the model itself
+# (OpenVinoSession). onnxruntime-ep-openvino 1.8.1, the plugin EP for onnxruntime 1.32, offers
+# devices only on Intel hardware (vendor 0x8086), so on AMD CPUs it would never be active.
+OPENVINO_PROVIDER = "OpenVINO"
+WANTED_PROVIDER = {"cuda": CUDA_PROVIDER, "openvino": OPENVINO_PROVIDER}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNIT_STD = (1.0, 1.0, 1.0)
@@ -145,21 +152,34 @@ class ProviderChoice:
     refusal: str | None = None  # set when the requested provider cannot be used at all
 
 
-def choose_providers(provider: str, allow_cpu_fallback: bool) -> ProviderChoice:
-    available = ort.get_available_providers()
+def available_providers() -> list[str]:
+    """onnxruntime's providers, plus OpenVINO when its runtime (the openvino extra) is there."""
+    openvino = [OPENVINO_PROVIDER] if importlib.util.find_spec("openvino") else []
+    return [*ort.get_available_providers(), *openvino]
+
+
+def choose_providers(
+    provider: str, allow_cpu_fallback: bool, available: Sequence[str] | None = None
+) -> ProviderChoice:
+    """cpu: CPU. cuda/openvino: that one, else a refusal (or CPU with the fallback allowed).
+    auto: CUDA, else OpenVINO, else CPU, never refused."""
+    available = available_providers() if available is None else list(available)
     if provider == "cpu":
         return ProviderChoice([CPU_PROVIDER])
-    if CUDA_PROVIDER in available:
-        return ProviderChoice([CUDA_PROVIDER, CPU_PROVIDER])
-    if provider == "auto" or allow_cpu_fallback:
+    wanted = WANTED_PROVIDER.get(provider)
+    if wanted is None:  # auto
+        wanted = next((p for p in (CUDA_PROVIDER, OPENVINO_PROVIDER) if p in available), None)
+    if wanted in available:
+        return ProviderChoice([wanted, CPU_PROVIDER] if wanted == CUDA_PROVIDER else [wanted])
+    if wanted is None or allow_cpu_fallback:
         return ProviderChoice([CPU_PROVIDER])
-    return ProviderChoice(
-        [],
-        refusal=(
-            f"{CUDA_PROVIDER} requested but this onnxruntime build offers only {available}; "
-            "set REMBG_ALLOW_CPU_FALLBACK=true to serve on CPU"
-        ),
+    missing = (
+        "the openvino package is not installed (pip install 'rembg-fleet[openvino]')"
+        if wanted == OPENVINO_PROVIDER
+        else f"this onnxruntime build offers only {available}"
     )
+    fallback = "set REMBG_ALLOW_CPU_FALLBACK=true to serve on CPU"
+    return ProviderChoice([], refusal=f"{wanted} requested but {missing}; {fallback}")
 
 
 class MaskModel(Protocol):
@@ -181,13 +201,55 @@ def device_of(provider: str) -> str:
     return "cuda" if provider == CUDA_PROVIDER else "cpu"
 
 
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    shape: list[int | str]
+
+
+class OpenVinoSession:
+    """A model compiled by the OpenVINO runtime for its CPU plugin, behind the three
+    InferenceSession methods RecipeModel calls (get_inputs, get_providers, run).
+
+    FP32 is forced: on CPUs with AVX512-BF16 or AMX the plugin's default is bf16, which moves
+    u2netp's masks by up to 164/255. `infer` copies the outputs (share_outputs=False), so a
+    prediction stays valid while the next batch runs.
+    """
+
+    def __init__(self, model_bytes: bytes, threads: int) -> None:
+        # Imported only here: the openvino extra is optional.
+        import openvino  # noqa: PLC0415
+
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "INFERENCE_PRECISION_HINT": "f32",
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        core = openvino.Core()
+        self._compiled = core.compile_model(core.read_model(model_bytes), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        port = self._compiled.inputs[0]
+        shape = [d.get_length() if d.is_static else BATCH_AXIS for d in port.partial_shape]
+        self._inputs = [_Input(port.get_any_name(), shape)]
+
+    def get_inputs(self) -> list[_Input]:
+        return self._inputs
+
+    def get_providers(self) -> list[str]:
+        return [OPENVINO_PROVIDER]
+
+    def run(self, _output_names: None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results = self._request.infer(feeds, share_outputs=False)
+        return [results[port] for port in self._compiled.outputs]
+
+
 @dataclass
 class RecipeModel:
     """A rembg mask model run directly on onnxruntime, batch axis made dynamic."""
 
     name: str
     recipe: Recipe
-    session: ort.InferenceSession
+    session: ort.InferenceSession | OpenVinoSession
     batchable: bool
     takes_tensors: bool = True
     input_name: str = field(init=False)
@@ -297,12 +359,13 @@ def load_model(request: LoadRequest) -> list[MaskModel]:
     if choice.refusal:
         raise ModelLoadError(f"{name}: {choice.refusal}")
     options = build_session_options(request.threads, request.cpu_arena)
+    runtime = "OpenVINO" if OPENVINO_PROVIDER in choice.requested else "onnxruntime"
     models = []
     for _ in range(request.sessions):
         try:
             model = _open(name, path, options, choice.requested, request.batch_max_size)
         except Exception as error:  # onnxruntime raises bare RuntimeError/Fail subclasses
-            raise ModelLoadError(f"{name}: {path}: onnxruntime cannot load it ({error})") from error
+            raise ModelLoadError(f"{name}: {path}: {runtime} cannot load it ({error})") from error
         _check_provider(name, request, model.provider)
         models.append(model)
     return models
@@ -318,21 +381,33 @@ def _open(
         from rembg.sessions import sessions  # noqa: PLC0415
 
         # The file is verified and in place, so rembg's download_models() finds it and
-        # never touches the network.
-        return RembgSessionModel(name, sessions[name](name, options, providers=providers))
+        # never touches the network. OpenVINO runs only the recipe models: these get CPU.
+        ort_providers = [p for p in providers if p != OPENVINO_PROVIDER] or [CPU_PROVIDER]
+        return RembgSessionModel(name, sessions[name](name, options, providers=ort_providers))
     model_bytes = path.read_bytes()
     if batch > 1:
         model_bytes = with_dynamic_batch(model_bytes)
-    session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+    session: ort.InferenceSession | OpenVinoSession
+    if providers == [OPENVINO_PROVIDER]:
+        session = OpenVinoSession(model_bytes, options.intra_op_num_threads)
+    else:
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
     return RecipeModel(name, recipe, session, batchable=batch > 1)
 
 
 def _check_provider(name: str, request: LoadRequest, active: str) -> None:
-    if request.provider == "cuda" and active != CUDA_PROVIDER and not request.allow_cpu_fallback:
-        raise ModelLoadError(
-            f"{name}: {CUDA_PROVIDER} requested but the session runs on {active} "
-            "(CUDA/cuDNN libraries missing?); set REMBG_ALLOW_CPU_FALLBACK=true to serve on CPU"
-        )
+    wanted = WANTED_PROVIDER.get(request.provider)
+    if wanted is None or active == wanted or request.allow_cpu_fallback:
+        return
+    reason = (
+        "CUDA/cuDNN libraries missing?"
+        if wanted == CUDA_PROVIDER
+        else "OpenVINO runs only the U2-Net, IS-Net, BiRefNet and BRIA models"
+    )
+    raise ModelLoadError(
+        f"{name}: {wanted} requested but the session runs on {active} ({reason}); "
+        "set REMBG_ALLOW_CPU_FALLBACK=true to serve on CPU"
+    )
 
 
 def synthetic_warmup_image(width: int = 640, height: int = 480) -> Image.Image:

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from rembg_server.checksums import Digest
 from rembg_server.engine import servable_model_names
 
-Provider = Literal["cpu", "cuda", "auto"]
+Provider = Literal["cpu", "cuda", "openvino", "auto"]
 OutputFormat = Literal["png", "webp"]
 
 _MIB = 1024 * 1024
