@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,3 +125,15 @@ def test_openvino_runs_micro_batches_with_the_same_masks_as_one_by_one(
     for index, tensor in enumerate(tensors):
         alone = openvino_model.infer(tensor[np.newaxis])[0]
         np.testing.assert_allclose(together[index], alone, atol=1e-4)
+
+
+@pytest.mark.anyio
+async def test_the_server_serves_on_openvino_and_labels_its_model_info_so(
+    app_factory: Callable[..., Any],
+    metric: Callable[..., Awaitable[float]],
+    openvino_model: RecipeModel,
+) -> None:
+    async with app_factory(provider="openvino") as client:
+        assert (await client.get("/readyz")).status_code == 200
+        labels = {"model": "u2netp", "device": "cpu", "provider": OPENVINO_PROVIDER}
+        assert await metric(client, "rembg_model_info", **labels) == 1
