@@ -25,6 +25,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from rembg_server.checksums import KNOWN_DIGESTS, Digest, ModelFileError, verify_file
+from rembg_server.quality import GATED_SOURCES, gated_digest
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -72,6 +73,8 @@ RECIPES: dict[str, Recipe] = {
         )
     },
 }
+# A gated model (quality.py) is its source model in reduced precision: the same recipe.
+RECIPES.update({gated: RECIPES[source] for gated, source in GATED_SOURCES.items()})
 
 
 class ModelLoadError(Exception):
@@ -83,7 +86,8 @@ class ModelLoadError(Exception):
 # SAM (two files and prompts; it does not fit a remove endpoint) and birefnet-general-fp16
 # (rembg converts it on first use, so no published digest exists).
 # tests/server/test_engine.py checks every name against rembg's own session registry.
-SERVABLE_MODELS = frozenset(KNOWN_DIGESTS)
+# Beside them, the gated models built from them (quality.py), served only with a passing gate.
+SERVABLE_MODELS = frozenset(KNOWN_DIGESTS) | frozenset(GATED_SOURCES)
 
 
 def servable_model_names() -> frozenset[str]:
@@ -96,7 +100,11 @@ def model_path(model_dir: Path, name: str) -> Path:
     return nested if nested.is_file() else model_dir / f"{name}.onnx"
 
 
-def expected_digest(name: str, overrides: dict[str, str]) -> Digest:
+def expected_digest(name: str, overrides: dict[str, str], model_dir: Path) -> Digest:
+    """The digest <name>.onnx must have: an override, rembg's pin, or a gated model's record
+    of its passing quality gate (GateError, a ModelFileError, when there is none)."""
+    if name in GATED_SOURCES:
+        return gated_digest(model_dir, name)
     text = overrides.get(name) or KNOWN_DIGESTS.get(name)
     if text is None:
         raise ModelLoadError(
@@ -352,7 +360,7 @@ def load_model(request: LoadRequest) -> list[MaskModel]:
     name = request.name
     path = model_path(request.model_dir, name)
     try:
-        verify_file(path, expected_digest(name, request.checksums))
+        verify_file(path, expected_digest(name, request.checksums, request.model_dir))
     except ModelFileError as error:
         raise ModelLoadError(f"{name}: {error}") from error
     choice = choose_providers(request.provider, request.allow_cpu_fallback)

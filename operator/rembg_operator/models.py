@@ -27,9 +27,11 @@ SHORT_NAMES = ("rbs",)
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = "nvidia.com/gpu.present"
 
-# The model names the rembg library (2.0.86) can load; the server image ships a subset.
+# The model names the rembg library (2.0.86) can load, and u2netp-int8, the quality-gated
+# int8 u2netp the server image builds (rembg_server.quality); the image ships a subset.
 KNOWN_MODELS = frozenset(
     {
+        "u2netp-int8",
         "u2net",
         "u2netp",
         "u2net_human_seg",

@@ -33,6 +33,7 @@ from rembg_server.engine import (
 from rembg_server.imaging import encode_png
 from rembg_server.memory import limit_allocator_growth
 from rembg_server.pipeline import lower_thread_priority
+from rembg_server.quality import GATED_SOURCES
 from rembg_server.settings import Settings, cpu_limit
 
 
@@ -95,7 +96,7 @@ def synthetic_model(size: int) -> bytes:
     return serialized
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+@pytest.mark.parametrize("name", sorted(set(RECIPES) - set(GATED_SOURCES)))
 def test_each_recipe_matches_rembgs_own_session_class(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photos: dict[str, bytes]
 ) -> None:
@@ -236,11 +237,14 @@ def test_png_encoder_round_trips_losslessly(
     assert np.array_equal(np.asarray(decoded), np.asarray(expected))
 
 
-def test_every_servable_name_is_a_local_rembg_model_with_a_single_file() -> None:
-    for name in SERVABLE_MODELS:
+def test_every_servable_name_is_a_local_rembg_model_with_a_single_file_or_gated_on_one() -> None:
+    for name in SERVABLE_MODELS - set(GATED_SOURCES):
         assert name in sessions, name
         assert sessions[name].is_local()
         assert not sessions[name].requires_credentials()
+    for gated, source in GATED_SOURCES.items():
+        assert gated in SERVABLE_MODELS
+        assert RECIPES[gated] == RECIPES[source]
     assert "u2netp" in SERVABLE_MODELS
     assert set(RECIPES) <= SERVABLE_MODELS
 

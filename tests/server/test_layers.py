@@ -38,14 +38,18 @@ async def test_the_registry_records_a_model_it_cannot_load_and_serves_the_others
     tmp_path: Path, model_dir: Path
 ) -> None:
     (tmp_path / "u2netp.onnx").write_bytes((model_dir / "u2netp.onnx").read_bytes())
-    settings = make_settings(tmp_path, models=["u2netp", "u2net"])
+    (tmp_path / "u2netp-int8.onnx").write_bytes(b"never gated")
+    settings = make_settings(tmp_path, models=["u2netp", "u2net", "u2netp-int8"])
     models = ModelRegistry(settings, ServerMetrics(CollectorRegistry()))
     await models.load_all()
     try:
         assert models.names() == ["u2netp"]
         assert "u2net" not in models
-        [reason] = models.not_servable()
-        assert reason.startswith("u2net: not servable: u2net:"), reason
+        missing, ungated = models.not_servable()
+        assert missing.startswith("u2net: not servable: u2net:"), missing
+        assert "u2netp-int8.gate.json: missing (the model never passed its quality gate)" in (
+            ungated
+        ), ungated
         assert models.liveness() == (True, [])
         assert models.device_of("u2netp") == "cpu"
     finally:
@@ -81,8 +85,7 @@ async def test_the_pipeline_refuses_a_corrupt_body_and_a_passed_deadline(
         image = decode(photos["coffee"], 10**8)
         # Two images ahead of it keep the one worker busy, so the late one is still queued.
         ahead = [
-            asyncio.ensure_future(pipeline.mask("u2netp", image, Timings(), None))
-            for _ in range(2)
+            asyncio.ensure_future(pipeline.mask("u2netp", image, Timings(), None)) for _ in range(2)
         ]
         await asyncio.sleep(0.05)
         with pytest.raises(RequestRejectedError) as late:
