@@ -14,6 +14,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats a photo API needs; everything else is refused before any decoder runs.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageRejectedError(Exception):
@@ -94,13 +95,16 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
 
     The header is checked again before load(): this check, not Pillow's, bounds the memory.
     """
+    # No `with`: closing an image frees its pixels, so the decoded frame would have to be
+    # copied out first (a full-size copy per request). The source is an in-memory buffer.
     try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
-            check_pixels(opened.width, opened.height, max_pixels)
-            opened.load()
-            image = ImageOps.exif_transpose(opened)
-            wanted = "RGBA" if _has_alpha(image) else "RGB"
-            return image.convert(wanted) if image.mode != wanted else image.copy()
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        check_pixels(image.width, image.height, max_pixels)
+        image.load()
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+        wanted = "RGBA" if _has_alpha(image) else "RGB"
+        return image.convert(wanted) if image.mode != wanted else image
     except (OSError, ValueError, SyntaxError) as error:
         raise CorruptImageError(f"corrupt or truncated image: {error}") from error
 
@@ -154,8 +158,14 @@ def compose(image: Image.Image, mask: Image.Image, how: Composition) -> Image.Im
 
 
 def naive_cutout(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """rembg.bg.naive_cutout: colour scaled by the mask (premultiplied look), alpha = mask."""
-    return Image.composite(image, Image.new("RGBA", image.size, 0), mask)
+    """rembg.bg.naive_cutout: colour scaled by the mask (premultiplied look), alpha = mask.
+
+    The same pixels as its Image.composite(image, transparent, mask), which copies the
+    transparent canvas before pasting onto the copy; pasting onto the canvas itself saves
+    that full-size copy."""
+    cutout = Image.new("RGBA", image.size, 0)
+    cutout.paste(image, None, mask)
+    return cutout
 
 
 def apply_background_color(image: Image.Image, color: tuple[int, int, int, int]) -> Image.Image:
