@@ -98,7 +98,7 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     # No `with`: closing an image frees its pixels, so the decoded frame would have to be
     # copied out first (a full-size copy per request). The source is an in-memory buffer.
     try:
-        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        image: Image.Image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         check_pixels(image.width, image.height, max_pixels)
         image.load()
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:

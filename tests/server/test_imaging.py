@@ -7,11 +7,12 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 from rembg_server.imaging import EXIF_ORIENTATION, decode, naive_cutout
-from skimage import data
+
+from tests.server.conftest import PHOTOS
 
 
 def test_decode_applies_the_exif_orientation_like_rembg() -> None:
-    photo = Image.fromarray(data.chelsea())  # 451 wide, 300 high
+    photo = Image.fromarray(PHOTOS["chelsea"]())  # 451 wide, 300 high
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6  # stored sideways: turn 90 degrees clockwise to view
     buffer = io.BytesIO()
@@ -23,19 +24,19 @@ def test_decode_applies_the_exif_orientation_like_rembg() -> None:
 
 
 def test_decode_keeps_alpha_and_converts_palettes() -> None:
-    rgba = Image.fromarray(data.astronaut()).convert("RGBA")
+    rgba = Image.fromarray(PHOTOS["astronaut"]()).convert("RGBA")
     buffer = io.BytesIO()
     rgba.save(buffer, "PNG")
     assert decode(buffer.getvalue(), 10**7).mode == "RGBA"
     buffer = io.BytesIO()
-    Image.fromarray(data.coffee()).convert("P").save(buffer, "GIF")
+    Image.fromarray(PHOTOS["coffee"]()).convert("P").save(buffer, "GIF")
     assert decode(buffer.getvalue(), 10**7).mode == "RGB"
 
 
 def test_naive_cutout_has_the_pixels_of_rembgs_composite() -> None:
     rng = np.random.default_rng(7)
     for mode in ("RGB", "RGBA"):
-        image = Image.fromarray(data.coffee()).convert(mode)
+        image = Image.fromarray(PHOTOS["coffee"]()).convert(mode)
         mask = Image.fromarray(rng.integers(0, 256, image.size[::-1], np.uint8), "L")
         theirs = Image.composite(image, Image.new("RGBA", image.size, 0), mask)
         assert np.array_equal(np.asarray(naive_cutout(image, mask)), np.asarray(theirs))
