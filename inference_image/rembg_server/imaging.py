@@ -205,8 +205,9 @@ def encode_png(image: Image.Image, level: int) -> bytes:
     scanlines[:, 1 : channels + 1] = rows[:, :channels]
     np.subtract(rows[:, channels:], rows[:, :-channels], out=scanlines[:, channels + 1 :])
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPES[image.mode], 0, 0, 0)
+    # A flat view of the scanlines, not .tobytes(): no full-size copy before deflate.
     compressed = isal_zlib.compress(
-        scanlines.tobytes(), min(level, isal_zlib.ISAL_BEST_COMPRESSION)
+        memoryview(scanlines).cast("B"), min(level, isal_zlib.ISAL_BEST_COMPRESSION)
     )
     return b"".join(
         [
