@@ -207,7 +207,7 @@ def encode_png(image: Image.Image, level: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, _PNG_COLOR_TYPES[image.mode], 0, 0, 0)
     # A flat view of the scanlines, not .tobytes(): no full-size copy before deflate.
     compressed = isal_zlib.compress(
-        memoryview(scanlines).cast("B"), min(level, isal_zlib.ISAL_BEST_COMPRESSION)
+        scanlines.data.cast("B"), min(level, isal_zlib.ISAL_BEST_COMPRESSION)
     )
     return b"".join(
         [
