@@ -37,12 +37,18 @@ from rembg_server.quality import GATED_SOURCES
 from rembg_server.settings import Settings, cpu_limit
 
 
-def load(model_dir: Path, name: str = "u2netp", batch: int = 1, **extra: object) -> RecipeModel:
+def load(
+    model_dir: Path,
+    name: str = "u2netp",
+    batch: int = 1,
+    provider: str = "cpu",
+    **extra: object,
+) -> RecipeModel:
     request = LoadRequest(
         name=name,
         model_dir=model_dir,
         checksums=dict(extra.get("checksums", {})),  # type: ignore[call-overload]
-        provider="cpu",
+        provider=provider,
         allow_cpu_fallback=False,
         threads=1,
         batch_max_size=batch,

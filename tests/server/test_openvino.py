@@ -14,13 +14,13 @@ from rembg_server.engine import (
     CPU_PROVIDER,
     CUDA_PROVIDER,
     OPENVINO_PROVIDER,
-    LoadRequest,
     ModelLoadError,
     RecipeModel,
     choose_providers,
-    load_model,
 )
 from skimage import data
+
+from tests.server.test_engine import load
 
 CPU_ONLY = [CPU_PROVIDER]
 WITH_OPENVINO = [CPU_PROVIDER, OPENVINO_PROVIDER]
@@ -73,29 +73,14 @@ def test_load_refuses_openvino_when_it_is_missing(
 ) -> None:
     monkeypatch.setattr("rembg_server.engine.available_providers", lambda: CPU_ONLY)
     with pytest.raises(ModelLoadError, match=r"^u2netp: OpenVINO requested but the openvino"):
-        load(model_dir, "openvino")
-
-
-def load(model_dir: Path, provider: str, batch: int = 1) -> RecipeModel:
-    request = LoadRequest(
-        name="u2netp",
-        model_dir=model_dir,
-        checksums={},
-        provider=provider,
-        allow_cpu_fallback=False,
-        threads=1,
-        batch_max_size=batch,
-    )
-    [model] = load_model(request)
-    assert isinstance(model, RecipeModel)
-    return model
+        load(model_dir, provider="openvino")
 
 
 @pytest.fixture(scope="module")
 def openvino_model(model_dir: Path) -> RecipeModel:
     if importlib.util.find_spec("openvino") is None:
         pytest.fail("openvino is not installed: pip install -e '.[dev]' (the openvino extra)")
-    return load(model_dir, "openvino")
+    return load(model_dir, provider="openvino")
 
 
 def test_openvino_masks_are_within_one_level_of_the_cpu_providers(
@@ -103,7 +88,7 @@ def test_openvino_masks_are_within_one_level_of_the_cpu_providers(
 ) -> None:
     assert openvino_model.provider == OPENVINO_PROVIDER
     assert openvino_model.device == "cpu"
-    cpu = load(model_dir, "cpu")
+    cpu = load(model_dir, provider="cpu")
     assert cpu.provider == CPU_PROVIDER
     for name, photo in PARITY_PHOTOS.items():
         image = Image.fromarray(photo()).convert("RGB")
@@ -115,7 +100,7 @@ def test_openvino_masks_are_within_one_level_of_the_cpu_providers(
 def test_openvino_runs_micro_batches_with_the_same_masks_as_one_by_one(
     model_dir: Path, openvino_model: RecipeModel
 ) -> None:
-    batched = load(model_dir, "openvino", batch=4)
+    batched = load(model_dir, provider="openvino", batch=4)
     assert batched.batchable
     assert batched.session.get_inputs()[0].shape[0] == "batch"
     images = [Image.fromarray(photo()).convert("RGB") for photo in PARITY_PHOTOS.values()]
