@@ -39,10 +39,11 @@ def create_app(
     """Build the app. With autostart=False the caller runs `app.state.service.prepare()`."""
     disable_pillow_pixel_guard()
     metrics = ServerMetrics(registry if registry is not None else CollectorRegistry())
-    service = DataPlane(settings, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A dataplane per lifespan: close() ends its thread pool and workers for good.
+        service = DataPlane(settings, metrics)
         app.state.service = service
         if service.faults.enabled:
             log.warning(
@@ -86,7 +87,13 @@ def create_app(
     app.add_exception_handler(RequestRejectedError, _rejected)
     app.add_exception_handler(ClientDisconnect, _client_disconnected)
     app.add_middleware(BodyDeadlineMiddleware, seconds=settings.body_timeout_seconds)
-    app.add_middleware(RequestLogMiddleware, record=service.record_request)
+
+    def record_request(model: str | None, status: int, seconds: float) -> None:
+        service: DataPlane | None = getattr(app.state, "service", None)
+        if service is not None:  # None only for a request outside the lifespan
+            service.record_request(model, status, seconds)
+
+    app.add_middleware(RequestLogMiddleware, record=record_request)
     return app
 
 

@@ -3,8 +3,8 @@
 Layered the way KServe's server is: the model registry (registry.py) owns the models and
 their workers; this module decides whether and when a request runs, and the image pipeline
 (pipeline.py) runs it. api.py turns HTTP requests into `RemovalRequest`s and maps
-`RequestRejectedError` to responses; the job workers, the canary and the warmup drive the
-same code.
+`RequestRejectedError` to responses; the job workers and the canary drive the same code
+(the warmup drives the pipeline directly).
 """
 
 from __future__ import annotations

@@ -70,6 +70,10 @@ def probe(data: bytes, max_pixels: int) -> ImageHeader:
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
             header = ImageHeader(str(image.format), image.width, image.height)
+    except Image.DecompressionBombError as error:  # Pillow's guard on: still our 413
+        raise TooManyPixelsError(
+            f"image exceeds the limit of {max_pixels} pixels (REMBG_MAX_PIXELS)"
+        ) from error
     except UnidentifiedImageError as error:
         raise UnsupportedImageError(
             f"not a supported image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
@@ -105,6 +109,10 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
             image = ImageOps.exif_transpose(image)
         wanted = "RGBA" if _has_alpha(image) else "RGB"
         return image.convert(wanted) if image.mode != wanted else image
+    except Image.DecompressionBombError as error:  # Pillow's guard on: still our 413
+        raise TooManyPixelsError(
+            f"image exceeds the limit of {max_pixels} pixels (REMBG_MAX_PIXELS)"
+        ) from error
     except (OSError, ValueError, SyntaxError) as error:
         raise CorruptImageError(f"corrupt or truncated image: {error}") from error
 

@@ -1,7 +1,7 @@
 """The model registry: which models are loaded, their sessions and queues, and their health.
 
-It knows nothing of requests: the dataplane (dataplane.py) asks it for a model by name and
-for the reasons a model cannot serve.
+It knows nothing of requests: the image pipeline and the warmup ask it for a model by name,
+the dataplane for the reasons a model cannot serve.
 """
 
 from __future__ import annotations

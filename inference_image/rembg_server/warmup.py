@@ -36,7 +36,13 @@ def warmup_images(folder: Path | None, max_pixels: int) -> list[Image.Image]:
     images = [synthetic_warmup_image()]
     if folder is None:
         return images
-    for path in sorted(folder.iterdir()):
+    try:
+        paths = sorted(folder.iterdir())
+    except OSError as error:
+        fields = {"path": str(folder), "reason": str(error)}
+        log.warning("warmup folder unreadable", extra={"fields": fields})
+        return images
+    for path in paths:
         if path.suffix.lower() not in WARMUP_SUFFIXES:
             continue
         try:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 from PIL import Image, ImageOps
-from rembg_server.imaging import EXIF_ORIENTATION, decode, naive_cutout
+from rembg_server.imaging import (
+    EXIF_ORIENTATION,
+    TooManyPixelsError,
+    decode,
+    naive_cutout,
+    probe,
+)
 
 from tests.server.conftest import PHOTOS
 
@@ -40,3 +47,16 @@ def test_naive_cutout_has_the_pixels_of_rembgs_composite() -> None:
         mask = Image.fromarray(rng.integers(0, 256, image.size[::-1], np.uint8), "L")
         theirs = Image.composite(image, Image.new("RGBA", image.size, 0), mask)
         assert np.array_equal(np.asarray(naive_cutout(image, mask)), np.asarray(theirs))
+
+
+def test_a_pixel_bomb_is_our_413_even_with_pillows_own_guard_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Outside create_app (tools, benchmarks) Pillow's guard may be on; it fires inside
+    Image.open, before our check, and must still come out as our refusal."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (200, 200)).save(buffer, "PNG")  # 40000 px: over twice Pillow's limit
+    for read in (probe, decode):
+        with pytest.raises(TooManyPixelsError, match="REMBG_MAX_PIXELS"):
+            read(buffer.getvalue(), 10**7)

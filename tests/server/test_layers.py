@@ -9,10 +9,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
+from rembg_server.app import create_app
 from rembg_server.dataplane import DataPlane
 from rembg_server.errors import RequestRejectedError
 from rembg_server.imaging import Composition, decode, disable_pillow_pixel_guard
@@ -124,3 +126,20 @@ async def test_the_dataplane_gates_admits_and_serves_without_http(
     finally:
         await plane.close()
     assert plane.readiness()[1] == ["draining: shutting down"]
+
+
+async def test_an_app_serves_again_after_its_lifespan_ends_and_restarts(
+    model_dir: Path, photos: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Each lifespan gets its own dataplane (the last one's pool and workers are closed);
+    an unreadable warmup folder is skipped with a warning, not a stuck prepare()."""
+    settings = make_settings(model_dir, warmup_dir=tmp_path / "absent")
+    app = create_app(settings, CollectorRegistry(), autostart=False)
+    for _ in range(2):
+        async with app.router.lifespan_context(app):
+            await app.state.service.prepare()
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://s") as client:
+                assert (await client.get("/readyz")).status_code == 200
+                response = await client.post("/v1/remove", content=photos["coffee"])
+                assert response.status_code == 200, response.text

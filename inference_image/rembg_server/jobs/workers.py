@@ -71,6 +71,9 @@ Outcome = Completed | Rejected | Transient | Interrupted
 
 # Delays between tries while Redis is away: redis-py's own capped exponential backoff.
 OUTAGE_BACKOFF = ExponentialBackoff(cap=5.0, base=0.2)
+# Past the cap the count no longer matters; unbounded, base * 2**failures overflows a float
+# after ~1024 failures in a row (an outage of ~85 minutes) and would end the worker.
+MAX_COUNTED_FAILURES = 32
 
 
 async def wait_any(*events: asyncio.Event, seconds: float | None = None) -> None:
@@ -161,12 +164,12 @@ class JobWorkers:
                 claimed = await self._claim(consumer)
             except JobStoreUnavailableError:
                 await wait_any(self._stopping, seconds=OUTAGE_BACKOFF.compute(failures))
-                failures += 1
+                failures = min(failures + 1, MAX_COUNTED_FAILURES)
                 continue
             except Exception:  # a bug must not silently end the worker
                 log.exception("job worker error", extra={"fields": {"consumer": consumer}})
                 await wait_any(self._stopping, seconds=OUTAGE_BACKOFF.compute(failures))
-                failures += 1
+                failures = min(failures + 1, MAX_COUNTED_FAILURES)
                 continue
             failures = 0
             if isinstance(claimed, GaveUp):
@@ -305,7 +308,7 @@ class JobWorkers:
                 if self._abort.is_set():
                     return None
                 await wait_any(self._abort, seconds=OUTAGE_BACKOFF.compute(failures))
-                failures += 1
+                failures = min(failures + 1, MAX_COUNTED_FAILURES)
 
     # --- backlog metrics ------------------------------------------------------------------------
 
