@@ -61,10 +61,16 @@ def load(
 def test_dynamic_batch_gives_the_same_masks_as_one_by_one(
     model_dir: Path, photos: dict[str, bytes]
 ) -> None:
-    single = load(model_dir, batch=1)
     batched = load(model_dir, batch=4)
-    assert batched.session.get_inputs()[0].shape[0] == "batch"
     images = [Image.open(io.BytesIO(data)).convert("RGB") for data in photos.values()]
+    assert_batch_matches_one_by_one(batched, load(model_dir, batch=1), images)
+
+
+def assert_batch_matches_one_by_one(
+    batched: RecipeModel, single: RecipeModel, images: list[Image.Image]
+) -> None:
+    """One call on all `images` gives each image's prediction from a call of its own."""
+    assert batched.session.get_inputs()[0].shape[0] == "batch"
     tensors = np.stack([batched.preprocess(image) for image in images])
     together = batched.infer(tensors)
     assert together.shape == (len(images), 320, 320)

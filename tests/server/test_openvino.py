@@ -20,7 +20,7 @@ from rembg_server.engine import (
 )
 from skimage import data
 
-from tests.server.test_engine import load
+from tests.server.test_engine import assert_batch_matches_one_by_one, load
 
 CPU_ONLY = [CPU_PROVIDER]
 WITH_OPENVINO = [CPU_PROVIDER, OPENVINO_PROVIDER]
@@ -102,14 +102,8 @@ def test_openvino_runs_micro_batches_with_the_same_masks_as_one_by_one(
 ) -> None:
     batched = load(model_dir, provider="openvino", batch=4)
     assert batched.batchable
-    assert batched.session.get_inputs()[0].shape[0] == "batch"
     images = [Image.fromarray(photo()).convert("RGB") for photo in PARITY_PHOTOS.values()]
-    tensors = np.stack([batched.preprocess(image) for image in images])
-    together = batched.infer(tensors)
-    assert together.shape == (len(images), 320, 320)
-    for index, tensor in enumerate(tensors):
-        alone = openvino_model.infer(tensor[np.newaxis])[0]
-        np.testing.assert_allclose(together[index], alone, atol=1e-4)
+    assert_batch_matches_one_by_one(batched, openvino_model, images)
 
 
 @pytest.mark.anyio
