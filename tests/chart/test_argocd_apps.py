@@ -1,5 +1,6 @@
 """The Argo CD Applications in examples/argocd point at real things: the chart path with values
-its schema accepts, and a folder/include that holds a RembgService."""
+its schema accepts, a folder/include that holds a RembgService, and an app of apps that syncs
+exactly those two, the chart's wave first."""
 
 from __future__ import annotations
 
@@ -24,14 +25,59 @@ def application(name: str) -> dict[str, Any]:
     return app
 
 
-@pytest.mark.parametrize("name", ["application-operator.yaml", "application-rembgservice.yaml"])
+CHILDREN = ["application-operator.yaml", "application-rembgservice.yaml"]
+ROOT = "root-application.yaml"
+
+
+@pytest.mark.parametrize("name", [*CHILDREN, ROOT])
 def test_application_shape(name: str) -> None:
     app = application(name)
     source = app["spec"]["source"]
     assert source["repoURL"] == "REPO_URL_PLACEHOLDER", "the placeholder must stay obvious"
+    assert source["targetRevision"] == "main"
     assert (REPO / source["path"]).is_dir(), source["path"]
+    assert app["metadata"]["namespace"] == "argocd"
     assert app["spec"]["destination"]["server"] == "https://kubernetes.default.svc"
+    assert app["spec"]["syncPolicy"]["automated"] == {"prune": True, "selfHeal": True}
+
+
+@pytest.mark.parametrize("name", CHILDREN)
+def test_children_apply_server_side_and_cascade_on_delete(name: str) -> None:
+    app = application(name)
     assert "ServerSideApply=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    assert app["metadata"]["finalizers"] == ["resources-finalizer.argocd.argoproj.io"]
+
+
+def _wave(app: dict[str, Any]) -> int:
+    return int(app["metadata"].get("annotations", {}).get("argocd.argoproj.io/sync-wave", "0"))
+
+
+def test_root_application_syncs_exactly_the_two_applications_chart_first() -> None:
+    root = application(ROOT)
+    source = root["spec"]["source"]
+    assert root["spec"]["destination"]["namespace"] == "argocd"
+    include = source["directory"]["include"]
+    # Argo CD's include is a glob with {a,b} alternatives: expand it the same way.
+    assert include.startswith("{"), include
+    assert include.endswith("}"), include
+    patterns = include[1:-1].split(",")
+    folder = REPO / source["path"]
+    synced = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.suffix in {".yaml", ".yml", ".json"}
+        and any(fnmatch.fnmatch(p.name, g) for g in patterns)
+    )
+    assert synced == sorted(CHILDREN)
+    waves = {name: _wave(application(name)) for name in CHILDREN}
+    assert waves["application-operator.yaml"] < waves["application-rembgservice.yaml"], waves
+    # The root has no finalizer: deleting it must not cascade to the operator and the fleet.
+    assert "finalizers" not in root["metadata"]
+
+
+def test_argocd_cm_snippet_judges_applications_for_the_app_of_apps() -> None:
+    snippet = yaml.safe_load((ARGOCD / "argocd-cm-health.yaml").read_text())
+    assert "resource.customizations.health.argoproj.io_Application" in snippet["data"]
 
 
 def test_operator_application_values_pass_the_chart_schema(helm_run: Helm, tmp_path: Path) -> None:

@@ -39,12 +39,17 @@ def test_generated_files_are_up_to_date() -> None:
         assert path.read_text() == build(), f"{path} is stale: run `make chart`"
 
 
-def test_argocd_cm_snippet_carries_health_lua_verbatim() -> None:
+def test_argocd_cm_snippet_carries_both_health_checks_verbatim() -> None:
     snippet = yaml.safe_load((REPO / "examples" / "argocd" / "argocd-cm-health.yaml").read_text())
     assert snippet["kind"] == "ConfigMap"
     assert snippet["metadata"]["name"] == "argocd-cm"
-    lua = (REPO / "examples" / "argocd" / "health.lua").read_text()
-    assert snippet["data"] == {"resource.customizations.health.rembg.io_RembgService": lua}
+    folder = REPO / "examples" / "argocd"
+    assert snippet["data"] == {
+        "resource.customizations.health.rembg.io_RembgService": (folder / "health.lua").read_text(),
+        "resource.customizations.health.argoproj.io_Application": (
+            folder / "application-health.lua"
+        ).read_text(),
+    }
 
 
 def permissions(rules: Iterable[dict[str, Any]]) -> set[tuple[str, str, str]]:

@@ -1,7 +1,8 @@
 """Writes the chart's generated files from their single sources of truth.
 
 - files/rbac/rules.yaml from operator/rembg_operator/rbac.py (the verbs the operator uses);
-- examples/argocd/argocd-cm-health.yaml from examples/argocd/health.lua.
+- examples/argocd/argocd-cm-health.yaml from examples/argocd/health.lua (the RembgService's
+  health) and examples/argocd/application-health.lua (an Application's, for the app of apps).
 
 Usage: python charts/rembg-operator/hack/generate.py [--check]
 (`make chart` writes them; tests/chart/test_chart_sync.py fails when they drift.)
@@ -21,7 +22,11 @@ REPO = CHART.parents[1]
 RBAC_RULES = CHART / "files" / "rbac" / "rules.yaml"
 HEALTH_LUA = REPO / "examples" / "argocd" / "health.lua"
 ARGOCD_CM = REPO / "examples" / "argocd" / "argocd-cm-health.yaml"
+APPLICATION_HEALTH_LUA = REPO / "examples" / "argocd" / "application-health.lua"
 HEALTH_KEY = "resource.customizations.health.rembg.io_RembgService"
+APPLICATION_HEALTH_KEY = "resource.customizations.health.argoproj.io_Application"
+# argocd-cm's data: each key with the Lua file it carries verbatim.
+ARGOCD_CM_KEYS = {HEALTH_KEY: HEALTH_LUA, APPLICATION_HEALTH_KEY: APPLICATION_HEALTH_LUA}
 
 
 def operator_rules() -> dict[str, list[dict[str, Any]]]:
@@ -57,15 +62,19 @@ def build_rbac_rules() -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_argocd_cm() -> str:
-    lua = HEALTH_LUA.read_text()
+def _block(key: str, lua: str) -> str:
     indented = "".join(f"    {line}" if line.strip() else "\n" for line in lua.splitlines(True))
+    return f"  {key}: |\n{indented}"
+
+
+def build_argocd_cm() -> str:
     return (
-        "# Generated from examples/argocd/health.lua by `make chart`; do not edit.\n"
-        "# Argo CD health check for rembg.io/RembgService. Merge into argocd-cm:\n"
+        "# Generated from examples/argocd/health.lua and application-health.lua by `make chart`;\n"
+        "# do not edit. Argo CD health checks for rembg.io/RembgService and, for the app of apps\n"
+        "# (root-application.yaml), argoproj.io/Application. Merge into argocd-cm:\n"
         "#   kubectl -n argocd patch configmap argocd-cm --patch-file "
         "examples/argocd/argocd-cm-health.yaml\n"
-        "# (argo-cd Helm chart: put the same key under configs.cm.)\n"
+        "# (argo-cd Helm chart: put the same keys under configs.cm.)\n"
         "apiVersion: v1\n"
         "kind: ConfigMap\n"
         "metadata:\n"
@@ -74,9 +83,7 @@ def build_argocd_cm() -> str:
         "  labels:\n"
         "    app.kubernetes.io/name: argocd-cm\n"
         "    app.kubernetes.io/part-of: argocd\n"
-        "data:\n"
-        f"  {HEALTH_KEY}: |\n"
-        f"{indented}"
+        "data:\n" + "".join(_block(key, path.read_text()) for key, path in ARGOCD_CM_KEYS.items())
     )
 
 
