@@ -167,7 +167,7 @@ class Applier:
         return await self._apply_now(state, manifest)
 
     async def _apply_now(self, state: ServiceState, manifest: dict[str, Any]) -> dict[str, Any]:
-        events_before = state.deployment_events[manifest["metadata"]["name"]]
+        events_before = state.events_of(manifest)
         stored = await self.client.apply(manifest)
         state.observe_applied(manifest, stored, events_before)
         return stored

@@ -177,8 +177,35 @@ def _not_ready_pod_schema() -> Schema:
     }
 
 
+def _condition_status_schema(description: str) -> Schema:
+    return {"type": "string", "enum": ["True", "False", "Unknown"], "description": description}
+
+
+def _autoscaler_status_schema() -> Schema:
+    """A pool's KEDA ScaledObject as KEDA reports it (its own conditions)."""
+    return {
+        "type": "object",
+        "description": "The pool's KEDA ScaledObject, in KEDA's words (engine keda only).",
+        "properties": {
+            "kind": {"type": "string", "description": "ScaledObject."},
+            "name": {"type": "string", "description": "Name of the ScaledObject."},
+            "ready": _condition_status_schema(
+                "KEDA's Ready condition (Unknown while KEDA has not reported it)."
+            ),
+            "active": _condition_status_schema(
+                "KEDA's Active condition: the triggers see load (informational)."
+            ),
+            "fallback": _condition_status_schema("KEDA's Fallback condition."),
+            "paused": _condition_status_schema("KEDA's Paused condition."),
+            "hpa": {"type": "string", "description": "The HPA KEDA created (status.hpaName)."},
+            "reason": {"type": "string", "description": "KEDA's Ready reason when not True."},
+            "message": {"type": "string", "description": "KEDA's Ready message when not True."},
+        },
+    }
+
+
 def _pool_status_schema() -> Schema:
-    """Replica counts of one pool, and why its pods are not ready."""
+    """Replica counts of one pool, why its pods are not ready, and its autoscaler."""
     return {
         "type": "object",
         "properties": {
@@ -195,6 +222,7 @@ def _pool_status_schema() -> Schema:
                 "description": "Why pods are not ready, hard failures first (a few pods).",
                 "items": _not_ready_pod_schema(),
             },
+            "autoscaler": _autoscaler_status_schema(),
         },
     }
 

@@ -1,9 +1,10 @@
 """One RembgService's reconcile: parse -> capabilities -> build -> apply -> prune -> status.
 
 `reconcile` is the full pass (every child applied, what is no longer wanted pruned, status
-and Events written); `refresh_status` recomputes status from the Deployments and pods last
-seen, with no child writes, for watch events that change nothing but readiness. Both work
-on one ServiceState; the controller decides which runs and when.
+and Events written); `refresh_status` recomputes status from the Deployments, ScaledObjects
+and pods last seen, with no child writes, for watch events that change nothing but readiness
+(or KEDA's conditions). Both work on one ServiceState; the controller decides which runs and
+when.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ from rembg_operator.models import RembgServiceSpec, semantic_problems
 from rembg_operator.pod_health import next_change, pool_findings
 from rembg_operator.settings import Settings
 from rembg_operator.state import PoolTarget, Record, ServiceState
-from rembg_operator.status import Observation, PoolObservation, build_status, now_utc, same_status
+from rembg_operator.status import (
+    Observation,
+    PoolObservation,
+    ScaledObjectObservation,
+    build_status,
+    now_utc,
+    same_status,
+)
 
 ChildIdentity = tuple[str, str, str]  # (apiVersion, kind, name) of a child
 
@@ -115,6 +123,7 @@ class Reconciler:
                     required=target.required,
                     minimum=target.minimum,
                     findings=findings[target.pool],
+                    scaled_object=_scaled_object(state, target),
                 )
                 for target in record.pools
             ],
@@ -252,16 +261,16 @@ def parse_spec(raw: Mapping[str, Any]) -> tuple[RembgServiceSpec | None, list[st
 
 
 def merge_patch(previous: Mapping[str, Any] | None, status: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch that also removes keys the new status no longer has."""
+    """A JSON merge patch that also removes keys the new status no longer has, at any depth
+    (a gone pool; a pool's notReady once every pod is ready; its autoscaler's message once
+    KEDA says Ready)."""
     patch: dict[str, Any] = {k: None for k in (previous or {}) if k not in status}
-    patch.update(status)
-    old_pools = (previous or {}).get("pools") or {}
-    pools: dict[str, Any] = {p: None for p in old_pools if p not in status["pools"]}
-    for name, pool in status["pools"].items():
-        # A pool's own keys that are gone (notReady, once every pod is ready) go too.
-        gone = {k: None for k in old_pools.get(name) or {} if k not in pool}
-        pools[name] = {**gone, **pool}
-    patch["pools"] = pools
+    for key, value in status.items():
+        before = (previous or {}).get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            patch[key] = merge_patch(before, value)
+        else:
+            patch[key] = value
     return patch
 
 
@@ -278,6 +287,9 @@ def _record(
 ) -> Record:
     autoscaled = autoscaler_available(spec, capabilities)
     fallback_active = capabilities.gpu_capacity == 0 and spec.fallback.cpu_pool_when_no_gpu_nodes
+    # The ScaledObjects that exist to be read back: not one whose CRD went away meanwhile.
+    unserved = {s.name for s in skipped if s.kind == "ScaledObject"}
+    keda = autoscaled and spec.autoscaling.engine == "keda"
     return Record(
         generation=generation,
         endpoint=ref.endpoint,
@@ -288,6 +300,7 @@ def _record(
                 deployment=ref.pool_object_name(plan.name),
                 required=not (plan.is_gpu and fallback_active),
                 minimum=plan.min_replicas if autoscaled else plan.fixed_replicas,
+                scaled_object=_scaled_object_name(ref, plan.name, keda=keda, unserved=unserved),
             )
             for plan in desired.plans
         ),
@@ -295,10 +308,26 @@ def _record(
         skipped=tuple(skipped),
         monitoring_enabled=spec.monitoring.enabled,
         autoscaling_enabled=spec.autoscaling.enabled,
+        autoscaling_engine=spec.autoscaling.engine,
         has_gpu_pool=spec.gpu is not None,
         gpu_capacity=capabilities.gpu_capacity,
         gpu_fallback_active=fallback_active and spec.gpu is not None,
         inventory=tuple(inventory),
+    )
+
+
+def _scaled_object_name(
+    ref: ServiceRef, pool: str, *, keda: bool, unserved: set[str]
+) -> str | None:
+    name = ref.pool_object_name(pool)
+    return name if keda and name not in unserved else None
+
+
+def _scaled_object(state: ServiceState, target: PoolTarget) -> ScaledObjectObservation | None:
+    if target.scaled_object is None:
+        return None
+    return ScaledObjectObservation.from_scaled_object(
+        target.scaled_object, state.scaled_objects.get(target.scaled_object)
     )
 
 
@@ -313,6 +342,7 @@ def _observation(record: Record, pools: list[PoolObservation]) -> Observation:
         skipped=record.skipped,
         monitoring_enabled=record.monitoring_enabled,
         autoscaling_enabled=record.autoscaling_enabled,
+        autoscaling_engine=record.autoscaling_engine,
         has_gpu_pool=record.has_gpu_pool,
         gpu_capacity=record.gpu_capacity,
         gpu_fallback_active=record.gpu_fallback_active,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +27,11 @@ from rembg_operator.pod_health import PodState
 Key = tuple[str, str]  # (namespace, name) of a RembgService
 ChildKey = tuple[str, str, str]  # (kind, namespace, name)
 
-# Annotations controllers write on our children; they are not drift.
+# Annotations and labels controllers write on our children; they are not drift. KEDA labels
+# each ScaledObject with its own name (by an update, before its first status write): without
+# this, that label alone would take a ScaledObject's first status for an edit.
 CONTROLLER_ANNOTATIONS = frozenset({"deployment.kubernetes.io/revision"})
+CONTROLLER_LABELS = frozenset({"scaledobject.keda.sh/name"})
 
 
 def essence(body: Mapping[str, Any], *, replicas: bool = True) -> str:
@@ -41,7 +44,9 @@ def essence(body: Mapping[str, Any], *, replicas: bool = True) -> str:
     relevant = {k: v for k, v in body.items() if k not in ("metadata", "status")}
     if not replicas and isinstance(relevant.get("spec"), Mapping):
         relevant["spec"] = {k: v for k, v in relevant["spec"].items() if k != "replicas"}
-    relevant["@labels"] = meta.get("labels") or {}
+    relevant["@labels"] = {
+        k: v for k, v in (meta.get("labels") or {}).items() if k not in CONTROLLER_LABELS
+    }
     relevant["@annotations"] = annotations
     relevant["@owners"] = meta.get("ownerReferences") or []
     encoded = json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()
@@ -98,14 +103,38 @@ def slim_deployment(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def slim_scaled_object(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A KEDA ScaledObject as status reads it: KEDA's conditions and the HPA it made."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    slim: dict[str, Any] = {
+        "name": meta.get("name"),
+        "generation": meta.get("generation"),
+        "conditions": list(status.get("conditions") or []),
+        "hpaName": status.get("hpaName"),
+    }
+    if status.get("observedGeneration") is not None:
+        slim["observedGeneration"] = status["observedGeneration"]
+    return slim
+
+
+# The kinds of child whose status the RembgService's status reads, and what is kept of each.
+SLIMS: dict[str, Callable[[Mapping[str, Any]], dict[str, Any]]] = {
+    "Deployment": slim_deployment,
+    "ScaledObject": slim_scaled_object,
+}
+
+
 @dataclass(frozen=True)
 class PoolTarget:
-    """A pool as status sees it: its Deployment and what counts as ready."""
+    """A pool as status sees it: its Deployment, what counts as ready, and its ScaledObject
+    (None unless KEDA scales the pool)."""
 
     pool: str
     deployment: str
     required: bool = True
     minimum: int = 0
+    scaled_object: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +150,7 @@ class Record:
     skipped: tuple[Skipped, ...] = ()
     monitoring_enabled: bool = True
     autoscaling_enabled: bool = True
+    autoscaling_engine: str = "hpa"
     has_gpu_pool: bool = False
     gpu_capacity: int | None = None
     gpu_fallback_active: bool = False
@@ -144,8 +174,10 @@ class ServiceState:
     # as applied: a pass whose manifest is the same skips the apply (no write when idle).
     applied: dict[ChildKey, str] = field(default_factory=dict)
     deployments: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> slim
-    # Watch events delivered per Deployment name: an apply answer is only as new as its send.
-    deployment_events: Counter[str] = field(default_factory=Counter)
+    scaled_objects: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> slim
+    # Watch events delivered per (kind, name) of the kinds in SLIMS: an apply answer is only
+    # as new as its send.
+    child_events: Counter[tuple[str, str]] = field(default_factory=Counter)
     pods: dict[str, PodState] = field(default_factory=dict)
     events_posted: dict[str, str] = field(default_factory=dict)  # reason -> message
     pod_events_posted: set[tuple[str, str]] = field(default_factory=set)  # (pod, reason)
@@ -178,16 +210,31 @@ class ServiceState:
             return True
         return False
 
-    def observe_child(self, body: Mapping[str, Any], *, deleted: bool) -> None:
-        """A watch event of a child: keep what status reads (the Deployments)."""
+    def slims(self, kind: str) -> dict[str, dict[str, Any]] | None:
+        """The slim copies kept of one kind of child, by name; None for a kind status
+        does not read."""
+        if kind == "Deployment":
+            return self.deployments
+        if kind == "ScaledObject":
+            return self.scaled_objects
+        return None
+
+    def events_of(self, body: Mapping[str, Any]) -> int:
+        """Watch events delivered so far for this child."""
         kind, _, name = child_key(body)
-        if kind != "Deployment":
+        return self.child_events[(kind, name)]
+
+    def observe_child(self, body: Mapping[str, Any], *, deleted: bool) -> None:
+        """A watch event of a child: keep what status reads (Deployments, ScaledObjects)."""
+        kind, _, name = child_key(body)
+        slims = self.slims(kind)
+        if slims is None:
             return
-        self.deployment_events[name] += 1
+        self.child_events[(kind, name)] += 1
         if deleted:
-            self.deployments.pop(name, None)
+            slims.pop(name, None)
         else:
-            self.deployments[name] = slim_deployment(body)
+            slims[name] = SLIMS[kind](body)
 
     def observe_applied(
         self, manifest: Mapping[str, Any], stored: Mapping[str, Any], events_before: int
@@ -202,11 +249,12 @@ class ServiceState:
         self.children[child] = self.essence_of(stored)
         self.applied[child] = essence(manifest)
         kind, _, name = child_key(stored)
-        if kind == "Deployment" and self.deployment_events[name] == events_before:
+        slims = self.slims(kind)
+        if slims is not None and self.child_events[(kind, name)] == events_before:
             # Not when a watch event came in meanwhile: it may be newer than this answer (a
             # pod turned Ready after the apply), and the watch delivers every later change,
             # while an older status kept here would stay until the next event, maybe never.
-            self.deployments[name] = slim_deployment(stored)
+            slims[name] = SLIMS[kind](stored)
 
     def unchanged(self, manifest: Mapping[str, Any]) -> bool:
         """The manifest is what was last applied, and the child is still as applied."""
@@ -216,8 +264,9 @@ class ServiceState:
     def forget_child(self, child: ChildKey) -> None:
         self.children.pop(child, None)
         self.applied.pop(child, None)
-        if child[0] == "Deployment":
-            self.deployments.pop(child[2], None)
+        slims = self.slims(child[0])
+        if slims is not None:
+            slims.pop(child[2], None)
 
 
 class Services:

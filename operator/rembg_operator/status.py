@@ -33,8 +33,89 @@ MAX_PODS_IN_MESSAGE = 3
 
 
 @dataclass(frozen=True)
+class ScaledObjectObservation:
+    """A pool's KEDA ScaledObject as last seen: KEDA's own conditions, each "True", "False"
+    or "Unknown" (Unknown too while KEDA has set none: not running, or not there yet)."""
+
+    name: str
+    ready: str = "Unknown"
+    # KEDA's reason and message of its Ready condition.
+    reason: str = ""
+    message: str = ""
+    # The scaler is active: its triggers see load (informational, not a health signal).
+    active: str = "Unknown"
+    fallback: str = "Unknown"
+    paused: str = "Unknown"
+    hpa: str | None = None  # status.hpaName: the HPA KEDA created
+    # False while KEDA says it has not seen the ScaledObject's newest generation: its
+    # conditions are then about an older spec.
+    current: bool = True
+
+    @classmethod
+    def from_scaled_object(
+        cls, name: str, scaled_object: Mapping[str, Any] | None
+    ) -> ScaledObjectObservation:
+        """From the slim copy the state keeps (state.slim_scaled_object); None: not seen."""
+        if scaled_object is None:
+            return cls(name=name)
+        by_type = {
+            c.get("type"): c for c in scaled_object.get("conditions") or [] if isinstance(c, dict)
+        }
+
+        def status_of(kind: str) -> str:
+            value = str((by_type.get(kind) or {}).get("status") or "Unknown")
+            return value if value in ("True", "False") else "Unknown"
+
+        ready = by_type.get("Ready") or {}
+        observed = scaled_object.get("observedGeneration")
+        generation = scaled_object.get("generation")
+        return cls(
+            name=name,
+            ready=status_of("Ready"),
+            reason=str(ready.get("reason") or ""),
+            message=str(ready.get("message") or ""),
+            active=status_of("Active"),
+            fallback=status_of("Fallback"),
+            paused=status_of("Paused"),
+            hpa=scaled_object.get("hpaName") or None,
+            current=observed is None or generation is None or int(observed) >= int(generation),
+        )
+
+    @property
+    def ready_now(self) -> bool:
+        return self.current and self.ready == "True"
+
+    @property
+    def failing(self) -> bool:
+        return self.current and self.ready == "False"
+
+    def explained(self) -> str:
+        return self.message or self.reason or "not ready"
+
+    def as_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": "ScaledObject",
+            "name": self.name,
+            "ready": self.ready,
+            "active": self.active,
+            "fallback": self.fallback,
+            "paused": self.paused,
+        }
+        if self.hpa:
+            out["hpa"] = self.hpa
+        if self.ready != "True":
+            # Why not, in KEDA's words (absent while KEDA has said nothing).
+            if self.reason:
+                out["reason"] = self.reason
+            if self.message:
+                out["message"] = self.message
+        return out
+
+
+@dataclass(frozen=True)
 class PoolObservation:
-    """One pool's Deployment as last seen (absent: exists=False)."""
+    """One pool's Deployment as last seen (absent: exists=False), and its ScaledObject when
+    KEDA scales it."""
 
     pool: str
     exists: bool = False
@@ -49,6 +130,7 @@ class PoolObservation:
     required: bool = True
     # Why the pool's pods are not ready (pod_health), hard failures first.
     findings: tuple[PodFinding, ...] = ()
+    scaled_object: ScaledObjectObservation | None = None
 
     @classmethod
     def from_deployment(
@@ -59,11 +141,18 @@ class PoolObservation:
         required: bool = True,
         minimum: int = 0,
         findings: Sequence[PodFinding] = (),
+        scaled_object: ScaledObjectObservation | None = None,
     ) -> PoolObservation:
         """minimum: replicas the pool must reach (the autoscaler's floor), even before the
         autoscaler has raised the Deployment's own replica count to it."""
         if deployment is None:
-            return cls(pool=pool, required=required, desired=minimum, findings=tuple(findings))
+            return cls(
+                pool=pool,
+                required=required,
+                desired=minimum,
+                findings=tuple(findings),
+                scaled_object=scaled_object,
+            )
         status = deployment.get("status") or {}
         spec = deployment.get("spec") or {}
         conditions = status.get("conditions") or []
@@ -83,6 +172,7 @@ class PoolObservation:
             deadline_exceeded=deadline,
             required=required,
             findings=tuple(findings),
+            scaled_object=scaled_object,
         )
 
     @property
@@ -106,6 +196,8 @@ class PoolObservation:
         if self.findings:
             out["notReadyPods"] = len(self.findings)
             out["notReady"] = [f.as_status() for f in self.findings[:MAX_REPORTED_PODS]]
+        if self.scaled_object is not None:
+            out["autoscaler"] = self.scaled_object.as_status()
         return out
 
     def replicas(self) -> str:
@@ -141,6 +233,7 @@ class Observation:
     skipped: Sequence[Skipped] = ()
     monitoring_enabled: bool = True
     autoscaling_enabled: bool = True
+    autoscaling_engine: str = "hpa"
     has_gpu_pool: bool = False
     gpu_capacity: int | None = None
     gpu_fallback_active: bool = False
@@ -292,12 +385,47 @@ def _monitoring_condition(observed: Observation) -> Condition:
 
 
 def _autoscaling_condition(observed: Observation) -> Condition:
+    """Whether the pools' autoscalers work; with KEDA, in KEDA's own words.
+
+    Ready does not depend on this, by design: Ready says the pools serve (their pods are
+    ready), which holds while KEDA is down or a trigger is misconfigured; the pools then stay
+    at their current replica count. A broken autoscaler is reported here, like monitoring in
+    MonitoringAvailable, and neither Argo CD's health (health.lua) nor `kubectl wait
+    --for=condition=Ready` turns on it.
+    """
     if not observed.autoscaling_enabled:
         return _condition(AUTOSCALING, False, "Disabled", "pools run at a fixed replica count")
     missing = [s for s in observed.skipped if s.reason == "KedaNotInstalled"]
     if missing:
         return _condition(AUTOSCALING, False, "KedaNotInstalled", missing[0].message)
+    if observed.autoscaling_engine == "keda":
+        return _keda_condition(observed)
     return _condition(AUTOSCALING, True, "Created", "an autoscaler per pool")
+
+
+def _keda_condition(observed: Observation) -> Condition:
+    """True once KEDA says Ready for every pool's ScaledObject; a Ready=False wins over one
+    KEDA has not judged yet (it says what is wrong)."""
+    scaled = [(p.pool, p.scaled_object) for p in observed.pools if p.scaled_object is not None]
+    failing = [
+        f"pool {pool}: ScaledObject {so.name}: {so.explained()}"
+        for pool, so in scaled
+        if so.failing
+    ]
+    if failing:
+        return _condition(AUTOSCALING, False, "KedaNotReady", "; ".join(failing))
+    waiting = [f"{so.name} (pool {pool})" for pool, so in scaled if not so.ready_now]
+    if waiting or not scaled:
+        names = ", ".join(waiting) or "none observed"
+        return _condition(
+            AUTOSCALING,
+            None,
+            "WaitingForKeda",
+            f"KEDA has not reported Ready for ScaledObject {names} yet "
+            "(is the KEDA operator running?)",
+        )
+    names = ", ".join(f"{so.name} (pool {pool})" for pool, so in scaled)
+    return _condition(AUTOSCALING, True, "KedaReady", f"KEDA reports Ready: {names}")
 
 
 def _gpu_condition(observed: Observation) -> Condition:

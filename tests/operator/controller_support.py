@@ -29,11 +29,14 @@ class RecordingClient:
     behind the controller's back with `vanish`.
     """
 
-    def __init__(self, *, monitoring: bool = True, gpus: int | None = 4) -> None:
+    def __init__(
+        self, *, monitoring: bool = True, gpus: int | None = 4, keda: bool = False
+    ) -> None:
         self.calls: list[tuple[str, ...]] = []
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str]] = []
         self.monitoring = monitoring
+        self.keda = keda
         self.gpus = gpus
         self.fail_kinds: set[str] = set()
         self.stored: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -82,6 +85,8 @@ class RecordingClient:
         self.statuses.append(dict(status))
 
     async def serves(self, group_version: str, plurals: tuple[str, ...], ttl: float) -> bool:
+        if group_version.startswith("keda"):
+            return self.keda
         return self.monitoring and group_version.startswith("monitoring")
 
     async def gpu_capacity(self, ttl: float) -> int | None:
