@@ -192,7 +192,7 @@ if ! is_cached "$prom_dest" prometheus "$PROMETHEUS_VERSION" prometheus; then
   publish "$tmp" "$prom_dest" prometheus "$PROMETHEUS_VERSION" $((SECONDS - start))
 fi
 
-# --- KEDA's CRDs (ScaledObject schema check; KEDA itself is not run): YAML from its Go module --
+# --- KEDA's CRDs (the ScaledObject schema check of the KWOK tests): YAML from its Go module ----
 keda_files=(keda.sh_scaledobjects.yaml keda.sh_triggerauthentications.yaml keda.sh_clustertriggerauthentications.yaml)
 keda_dest=$CACHE/bin/keda-crds-$KEDA_VERSION
 if ! is_cached "$keda_dest" keda-crds "$KEDA_VERSION" "${keda_files[@]}"; then
@@ -202,6 +202,55 @@ if ! is_cached "$keda_dest" keda-crds "$KEDA_VERSION" "${keda_files[@]}"; then
   dir=$("$GO" mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
   for f in "${keda_files[@]}"; do cp "$dir/config/crd/bases/$f" "$tmp/"; done
   publish "$tmp" "$keda_dest" keda-crds "$KEDA_VERSION" $((SECONDS - start))
+fi
+
+# --- KEDA itself: its operator and metrics API server (the KEDA e2e test runs both in pods) ------
+# Built inside the downloaded module (its go.sum and replace). The admission webhooks are left
+# out: nothing here needs them. Its upstream manifests (config/: RBAC, both Deployments, their
+# Services, the APIService) and every CRD the operator watches ship beside the binaries.
+keda_bin=$CACHE/bin/keda-$KEDA_VERSION
+if ! is_cached "$keda_bin" keda "$KEDA_VERSION" keda keda-adapter manifests/manager/manager.yaml crds/keda.sh_scaledobjects.yaml; then
+  current_step="keda $KEDA_VERSION"
+  start=$SECONDS
+  say "building keda (operator) and keda-adapter (metrics API server) $KEDA_VERSION (cold: ~8 min on 2 cores)"
+  tmp=$(mktemp -d "$CACHE/bin/.keda.XXXXXX")
+  dir=$("$GO" mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  (cd "$dir" && GOWORK=off "$GO" build -trimpath -o "$tmp/" \
+    -ldflags "-s -w -X github.com/kedacore/keda/v2/version.Version=${KEDA_VERSION#v}" ./cmd/operator ./cmd/adapter)
+  mv "$tmp/operator" "$tmp/keda"; mv "$tmp/adapter" "$tmp/keda-adapter"
+  mkdir "$tmp/crds" && cp "$dir"/config/crd/bases/*.yaml "$tmp/crds/"
+  for part in general rbac manager metrics-server service_account; do
+    mkdir -p "$tmp/manifests/$part"
+    find "$dir/config/$part" -maxdepth 1 -name '*.yaml' ! -name kustomization.yaml -exec cp {} "$tmp/manifests/$part/" \;
+  done
+  chmod -R u+w "$tmp"
+  publish "$tmp" "$keda_bin" keda "$KEDA_VERSION" $((SECONDS - start))
+fi
+
+# --- Argo CD: the application controller and the repo server (the GitOps e2e test) -------------
+# v3.2 is the newest v3 whose gitops-engine is a module of its own (from v3.3 on it is a folder
+# the module zip leaves out). Built in a writable copy of the module, with a main of ours
+# (devcluster/go/argocd/main.go) that links only those two commands: upstream's main links the
+# API server, its UI and Dex too. One binary; the two names are links to it. Its CRDs ship beside.
+argocd_bin=$CACHE/bin/argocd-$ARGOCD_VERSION
+argocd_main=$here/go/argocd/main.go
+argocd_recipe=$(sha256sum < "$argocd_main" | cut -c1-12)
+if ! is_cached "$argocd_bin" "argocd+$argocd_recipe" "$ARGOCD_VERSION" argocd argocd-application-controller argocd-repo-server crds/application-crd.yaml crds/appproject-crd.yaml; then
+  current_step="argocd $ARGOCD_VERSION"
+  start=$SECONDS
+  say "building Argo CD $ARGOCD_VERSION (application controller + repo server; cold: ~10 min on 2 cores)"
+  tmp=$(mktemp -d "$CACHE/bin/.argocd.XXXXXX")
+  dir=$("$GO" mod download -json "github.com/argoproj/argo-cd/v3@$ARGOCD_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  work=$CACHE/src/argocd-$ARGOCD_VERSION
+  rm -rf "$work"; mkdir -p "$CACHE/src"; cp -r "$dir" "$work"; chmod -R u+w "$work"
+  mkdir -p "$work/cmd/rembgfleet-argocd" && cp "$argocd_main" "$work/cmd/rembgfleet-argocd/main.go"
+  (cd "$work" && GOWORK=off "$GO" build -trimpath -o "$tmp/argocd" \
+    -ldflags "-s -w -X github.com/argoproj/argo-cd/v3/common.version=${ARGOCD_VERSION#v}" ./cmd/rembgfleet-argocd)
+  ln -s argocd "$tmp/argocd-application-controller"; ln -s argocd "$tmp/argocd-repo-server"
+  mkdir "$tmp/crds" && cp "$dir"/manifests/crds/{application,appproject}-crd.yaml "$tmp/crds/"
+  chmod -R u+w "$tmp"
+  rm -rf "$work"
+  publish "$tmp" "$argocd_bin" "argocd+$argocd_recipe" "$ARGOCD_VERSION" $((SECONDS - start))
 fi
 trap - ERR
 say "all binaries ready under $CACHE/bin"

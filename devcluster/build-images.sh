@@ -7,7 +7,8 @@
 #                                           module, gcc -static, FROM scratch
 # and, for the monitoring e2e test, FROM scratch around the static binaries build-binaries.sh
 # made (so `make binaries` comes first): localhost/rembg-fleet/prometheus-operator, .../prometheus,
-# .../prometheus-config-reloader, .../kube-state-metrics; and localhost/rembg-fleet/server-broken-model (the server
+# .../prometheus-config-reloader, .../kube-state-metrics; for the KEDA e2e test, .../keda and
+# .../keda-metrics-apiserver; and localhost/rembg-fleet/server-broken-model (the server
 # image plus a model that yields empty masks, for the canary test).
 # Usage: devcluster/build-images.sh   (`make images`; needs root without a Docker engine)
 #        REMBG_FLEET_BUILD_CUDA=1 also builds <server>-cuda from Dockerfile.cuda (Docker only)
@@ -222,6 +223,8 @@ smoke_cmd() { # name -> the command (one argument a line) that proves the image 
     operator) printf '%s\n' python -c 'import os, kopf, rembg_operator; print("operator: uid", os.getuid(), "kopf", getattr(kopf, "__version__", "?"), rembg_operator.__file__)';;
     prometheus-operator|prometheus|prometheus-config-reloader) printf '%s\n' "/bin/$1" --version;;
     kube-state-metrics) printf '%s\n' /bin/kube-state-metrics version;;
+    keda) printf '%s\n' /keda --help;;
+    keda-metrics-apiserver) printf '%s\n' /keda-adapter --help;;
     server-broken-model) printf '%s\n' python -c 'import os; assert os.path.getsize("/models-broken/u2netp.onnx") > 0; print("broken model in place")';;
     server) printf '%s\n' python -c 'import os, sys, rembg_server, rembg_server.app, onnxruntime; assert "site-packages" in rembg_server.__file__, rembg_server.__file__; assert os.path.getsize("/models/u2netp.onnx") > 4_000_000; print("server: uid", os.getuid(), "onnxruntime", onnxruntime.__version__, "python", sys.version.split()[0], rembg_server.__file__)';;
   esac
@@ -408,21 +411,31 @@ declare -A go_image_ref=(
   [prometheus]=localhost/rembg-fleet/prometheus:$prom_ver
   [prometheus-config-reloader]=localhost/rembg-fleet/prometheus-config-reloader:$PROMETHEUS_OPERATOR_VERSION
   [kube-state-metrics]=localhost/rembg-fleet/kube-state-metrics:$KUBE_STATE_METRICS_VERSION
+  [keda]=localhost/rembg-fleet/keda:$KEDA_VERSION
+  [keda-metrics-apiserver]=localhost/rembg-fleet/keda-metrics-apiserver:$KEDA_VERSION
 )
 declare -A go_image_binary=(
   [prometheus-operator]=$CACHE/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/operator
   [prometheus]=$CACHE/bin/prometheus-$PROMETHEUS_VERSION/prometheus
   [prometheus-config-reloader]=$CACHE/bin/prometheus-operator-$PROMETHEUS_OPERATOR_VERSION/prometheus-config-reloader
   [kube-state-metrics]=$CACHE/bin/kube-state-metrics-$KUBE_STATE_METRICS_VERSION/kube-state-metrics
+  [keda]=$CACHE/bin/keda-$KEDA_VERSION/keda
+  [keda-metrics-apiserver]=$CACHE/bin/keda-$KEDA_VERSION/keda-adapter
 )
-for name in prometheus-operator prometheus prometheus-config-reloader kube-state-metrics; do
+# Where each binary sits in its image: KEDA's own manifests run /keda and /keda-adapter.
+declare -A go_image_path=(
+  [keda]=/keda
+  [keda-metrics-apiserver]=/keda-adapter
+)
+for name in prometheus-operator prometheus prometheus-config-reloader kube-state-metrics keda keda-metrics-apiserver; do
   current_step="the $name image"
   binary=${go_image_binary[$name]}
+  path=${go_image_path[$name]:-/bin/$name}
   [ -x "$binary" ] || { say "missing $binary: run \`make binaries\` (devcluster/build-binaries.sh) first"; false; }
   dockerfile="FROM scratch
-COPY $name /bin/$name
+COPY $name $path
 USER 65534:65534
-ENTRYPOINT [\"/bin/$name\"]"
+ENTRYPOINT [\"$path\"]"
   key=$({ echo "recipe=$RECIPE engine=$engine"; echo "$dockerfile"; sha256sum < "$binary"; } | sha256)
   if [ ! -s "$IMAGES/$name-${key:0:12}.tar" ]; then
     mkdir -p "$tmp/$name"
@@ -474,7 +487,7 @@ mkdir -p "$root/build"
 {
   echo '{"images": {'
   sep=
-  for name in server operator pause prometheus-operator prometheus prometheus-config-reloader kube-state-metrics server-broken-model; do
+  for name in server operator pause prometheus-operator prometheus prometheus-config-reloader kube-state-metrics keda keda-metrics-apiserver server-broken-model; do
     case $name in
       server) ref=$SERVER_REF;; operator) ref=$OPERATOR_REF;; pause) ref=$PAUSE_REF;;
       server-broken-model) ref=$BROKEN_REF;; *) ref=${go_image_ref[$name]};;

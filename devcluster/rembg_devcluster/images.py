@@ -17,6 +17,7 @@ MONITORING_IMAGES = (
     "prometheus-config-reloader",
     "kube-state-metrics",
 )
+KEDA_IMAGES = ("keda", "keda-metrics-apiserver")
 BROKEN_MODEL_IMAGE = "server-broken-model"
 
 
