@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lupa.lua51  # gopher-lua, which runs Argo CD health checks, is Lua 5.1
 import pytest
 import yaml
 
@@ -105,3 +106,32 @@ def test_rembgservice_application_syncs_a_rembgservice() -> None:
         assert docs
         assert all(d["apiVersion"] == "rembg.io/v1alpha1" for d in docs)
         assert all(d["kind"] == "RembgService" for d in docs)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        (None, ("Progressing", "")),
+        ({}, ("Progressing", "")),
+        ({"health": {"status": "Healthy"}}, ("Healthy", "")),
+        ({"health": {"status": "Degraded", "message": "m"}}, ("Degraded", "m")),
+    ],
+)
+def test_application_health_lua_reports_the_child_applications_own_health(
+    status: dict[str, Any] | None, expected: tuple[str, str]
+) -> None:
+    """Under Lua 5.1 (lupa): the Application's status.health, Progressing until it has one
+    (so the app of apps waits for a wave's Application instead of passing it at once)."""
+    lua = lupa.lua51.LuaRuntime(unpack_returned_tuples=False)
+    obj: dict[str, Any] = {"metadata": {"name": "child"}}
+    if status is not None:
+        obj["status"] = status
+
+    def table(value: Any) -> Any:
+        if isinstance(value, dict):
+            return lua.table_from({k: table(v) for k, v in value.items()})
+        return value
+
+    lua.globals().obj = table(obj)
+    result = lua.execute((ARGOCD / "application-health.lua").read_text())
+    assert (str(result["status"]), str(result["message"])) == expected
