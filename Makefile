@@ -25,8 +25,10 @@ setup: system-deps venv model binaries ## Install everything: system packages, P
 NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack buildah debootstrap gcc libc6-dev
 # The monitoring e2e: Alertmanager and amtool (the Prometheus Operator runs Prometheus in pods).
 MONITORING_PACKAGES := prometheus-alertmanager
+# The Argo CD e2e test: its repo server runs git against a local repository.
+GITOPS_PACKAGES := git
 system-deps: ## Debian packages the tests use (promtool, openssl, redis, the real node's parts); needs root or sudo
-	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES) $(MONITORING_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
+	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES) $(MONITORING_PACKAGES) $(GITOPS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
 	if [ $${#need[@]} -gt 0 ]; then \
 	  sudo_=$$( [ "$$(id -u)" = 0 ] && echo || echo sudo ); \
 	  $$sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_ apt-get install -y -qq --no-install-recommends "$${need[@]}"; \
