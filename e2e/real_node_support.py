@@ -200,6 +200,28 @@ def helm(cluster: DevCluster, namespace: str, *args: str) -> str:
     return result.stdout
 
 
+def install_operator(cluster: DevCluster, namespace: str, watched: str, *values: str) -> str:
+    """`helm install` of our chart into namespace, watching `watched`, with the CRD left to the
+    caller (already installed); values are extra `--set` assignments. Waits for the pod."""
+    sets = [arg for value in values for arg in ("--set", value)]
+    return helm(
+        cluster,
+        namespace,
+        "install",
+        "rembg-operator",
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--set",
+        f"watch.namespaces[0]={watched}",
+        "--set",
+        "crds.enabled=false",
+        *sets,
+        "--wait",
+        "--timeout=240s",
+    )
+
+
 def container_host_pid(cluster: DevCluster, container_id: str) -> int:
     """The host PID of a container's init process, from the node's containerd."""
     assert cluster.state.node is not None

@@ -36,11 +36,10 @@ from rembg_devcluster.ports import free_port
 from e2e.autoscaling_support import submit_jobs
 from e2e.operator_support import eventually, get, install_crd, kubectl_apply, rembg_service
 from e2e.real_node_support import (
-    CHART,
     LoadClient,
     cluster_ip,
     create_restricted_namespace,
-    helm,
+    install_operator,
     photo,
     start_real_node_cluster,
 )
@@ -134,21 +133,7 @@ def keda_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KedaClust
         install_crd(cluster)
         create_restricted_namespace(cluster, SYSTEM)
         create_restricted_namespace(cluster, FLEET)
-        helm(
-            cluster,
-            SYSTEM,
-            "install",
-            "rembg-operator",
-            str(CHART),
-            "--namespace",
-            SYSTEM,
-            "--set",
-            f"watch.namespaces[0]={FLEET}",
-            "--set",
-            "crds.enabled=false",
-            "--wait",
-            "--timeout=240s",
-        )
+        install_operator(cluster, SYSTEM, FLEET)
         yield KedaCluster(cluster, keda, _prometheus_service(cluster), redis, password)
     finally:
         if keda is not None:
@@ -251,6 +236,15 @@ def _until(what: str, probe: Callable[[], bool], timeout: float, state: Callable
             return time.monotonic()
         time.sleep(1)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}: {state()}")
+
+
+def _back_to_one(cluster: DevCluster, name: str, state: Callable[[], str]) -> float:
+    return _until(
+        "the pool to scale back to 1",
+        lambda: _replicas(cluster, name)[0] == 1,
+        SCALE_DOWN_TIMEOUT,
+        state,
+    )
 
 
 def _ready(env: KedaCluster, name: str) -> None:
@@ -398,12 +392,7 @@ def test_queue_depth_scales_a_pool_up_and_back_down(keda_cluster: KedaCluster) -
     print(f"load: {dict(outcomes)}")
     assert outcomes.get("200", 0) > 0, outcomes
     stopped = time.monotonic()
-    down = _until(
-        "the pool to scale back to 1",
-        lambda: _replicas(cluster, name)[0] == 1,
-        SCALE_DOWN_TIMEOUT,
-        state,
-    )
+    down = _back_to_one(cluster, name, state)
     print(f"scaled down to 1 {down - stopped:.0f}s after the load ended: {state()}")
     cluster.kubectl("delete", "rembgservice", name, "-n", FLEET, "--wait=true", timeout=120)
 
@@ -481,11 +470,6 @@ def test_a_job_backlog_scales_through_the_redis_streams_trigger(keda_cluster: Ke
 
     done = _until("every job to be done", all_done, 600, state)
     print(f"backlog done after {done - started:.0f}s")
-    down = _until(
-        "the pool to scale back to 1",
-        lambda: _replicas(cluster, name)[0] == 1,
-        SCALE_DOWN_TIMEOUT,
-        state,
-    )
+    down = _back_to_one(cluster, name, state)
     print(f"scaled down to 1 {down - done:.0f}s after the backlog drained")
     cluster.kubectl("delete", "rembgservice", name, "-n", FLEET, "--wait=true", timeout=120)

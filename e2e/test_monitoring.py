@@ -57,15 +57,14 @@ from e2e.operator_support import (
     wait_ready,
 )
 from e2e.real_node_support import (
-    CHART,
     LoadClient,
     cluster_ip,
     container_host_pid,
     create_restricted_namespace,
     describe_pods,
     endpoints,
-    helm,
     image_ref,
+    install_operator,
     photo,
     pods,
     start_real_node_cluster,
@@ -197,30 +196,15 @@ def monitored(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Monitored]:
         install_crd(cluster)
         create_restricted_namespace(cluster, SYSTEM)
         create_restricted_namespace(cluster, FLEET)
-        helm(
+        install_operator(
             cluster,
             SYSTEM,
-            "install",
-            "rembg-operator",
-            str(CHART),
-            "--namespace",
-            SYSTEM,
-            "--set",
-            f"watch.namespaces[0]={FLEET}",
-            "--set",
-            "crds.enabled=false",
-            "--set",
+            FLEET,
             "serviceMonitor.enabled=true",
-            "--set",
             f"serviceMonitor.labels.release={SELECTOR_LABELS['release']}",
-            "--set",
             f"serviceMonitor.interval={SCRAPE_SECONDS}s",
-            "--set",
             f"serviceMonitor.scrapeTimeout={SCRAPE_SECONDS}s",
-            "--set",
             "dashboards.enabled=true",
-            "--wait",
-            "--timeout=240s",
         )
         kubectl_apply(cluster, FLEET, _service("demo"))
         wait_ready(cluster, FLEET, "demo", timeout=READY_TIMEOUT)

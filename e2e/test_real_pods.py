@@ -39,13 +39,12 @@ from e2e.operator_support import (
     wait_ready,
 )
 from e2e.real_node_support import (
-    CHART,
     LoadClient,
     cluster_ip,
     container_host_pid,
     create_restricted_namespace,
     describe_pods,
-    helm,
+    install_operator,
     on_real_node,
     photo,
     pods,
@@ -318,21 +317,7 @@ def test_the_operator_runs_as_a_pod_from_its_image_installed_by_helm(fleet: Flee
     cluster = fleet.cluster
     system = create_restricted_namespace(cluster, "rembg-system")
     watched = create_restricted_namespace(cluster, "helm-fleet")
-    helm(
-        cluster,
-        system,
-        "install",
-        "rembg-operator",
-        str(CHART),
-        "--namespace",
-        system,
-        "--set",
-        f"watch.namespaces[0]={watched}",
-        "--set",
-        "crds.enabled=false",  # the module's fixture installed the CRD already
-        "--wait",
-        "--timeout=240s",
-    )
+    install_operator(cluster, system, watched)  # the module's fixture installed the CRD
     (operator_pod,) = pods(cluster, system, "app.kubernetes.io/name=rembg-operator")
     assert on_real_node(operator_pod), describe_pods(cluster, system)
     (container,) = operator_pod["spec"]["containers"]
