@@ -93,7 +93,16 @@ typecheck: venv ## mypy --strict
 
 ##@ Test
 .PHONY: test check unit e2e e2e-kind
-test: setup lint typecheck unit images e2e ## Everything CI runs: lint, types, unit/integration tests, images, e2e on the local control plane and the real node
+# The Go builds are CPU-bound (about half an hour on 2 cores when nothing is cached, seconds
+# when everything is): they run beside the lint, type and unit checks and the images that need
+# no Go binary (mostly downloads); the Go images and the e2e tests wait for them.
+test: system-deps venv model ## Everything CI runs: lint, types, unit/integration tests, images, e2e on the local control plane and the real node
+	@mkdir -p build; $(MAKE) --no-print-directory binaries > build/binaries.log 2>&1 & binaries=$$!; \
+	checks=0; $(MAKE) --no-print-directory lint typecheck unit python-images || checks=$$?; \
+	built=0; wait $$binaries || built=$$?; cat build/binaries.log; \
+	if [ $$built != 0 ]; then echo "make test: the Go builds failed (build/binaries.log above)"; exit $$built; fi; \
+	exit $$checks
+	$(MAKE) --no-print-directory images e2e
 
 check: test ## Alias of test
 
@@ -120,6 +129,9 @@ bench-jobs: system-deps venv model ## The job path (/v1/jobs via a real Redis) v
 	$(PY) bench/bench_jobs.py
 
 ##@ Images
-.PHONY: images
+.PHONY: images python-images
+python-images: venv ## The images that need no Go binary (base, server, operator, pause), e.g. while `make binaries` runs
+	REMBG_FLEET_IMAGES_PYTHON_ONLY=1 devcluster/build-images.sh
+
 images: venv binaries ## Server, operator, pause and the monitoring test's images as docker-archive tarballs, cached by inputs (buildah without Docker); see build/images.json
 	devcluster/build-images.sh

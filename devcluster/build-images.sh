@@ -44,6 +44,10 @@ PAUSE_REF=localhost/rembg-fleet/pause:3.10
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' "$root/pyproject.toml" | head -n1)
 SERVER_REF=ghcr.io/rembg-fleet/server:$version
 OPERATOR_REF=ghcr.io/rembg-fleet/operator:$version
+# 1: only the images that need no Go binary (base, server, operator, pause, broken model), so
+# they can build while build-binaries.sh still runs (`make test` does that); the next full run
+# finds them cached and writes build/images.json.
+PYTHON_ONLY=${REMBG_FLEET_IMAGES_PYTHON_ONLY:-0}
 CA_BUNDLE=${REMBG_FLEET_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}}
 PYTHON=${PYTHON:-$root/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
@@ -427,7 +431,9 @@ declare -A go_image_path=(
   [keda]=/keda
   [keda-metrics-apiserver]=/keda-adapter
 )
-for name in prometheus-operator prometheus prometheus-config-reloader kube-state-metrics keda keda-metrics-apiserver; do
+go_images=(prometheus-operator prometheus prometheus-config-reloader kube-state-metrics keda keda-metrics-apiserver)
+[ "$PYTHON_ONLY" = 1 ] && go_images=()
+for name in "${go_images[@]}"; do
   current_step="the $name image"
   binary=${go_image_binary[$name]}
   path=${go_image_path[$name]:-/bin/$name}
@@ -479,6 +485,12 @@ if [ "$engine" = buildah ]; then
     say "pruning $dangling dangling images from $STORE"
     B rmi --prune >/dev/null || true
   fi
+fi
+
+if [ "$PYTHON_ONLY" = 1 ]; then
+  trap - ERR
+  say "images without Go binaries ready (REMBG_FLEET_IMAGES_PYTHON_ONLY=1: build/images.json not written)"
+  exit 0
 fi
 
 # --- build/images.json: what a node imports -----------------------------------------------------
