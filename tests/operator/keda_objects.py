@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+# What the RembgService reports for pool cpu once KEDA says Ready and Active.
+READY_AND_ACTIVE = {
+    "kind": "ScaledObject",
+    "name": "demo-cpu",
+    "ready": "True",
+    "active": "True",
+    "fallback": "False",
+    "paused": "False",
+    "hpa": "keda-demo-cpu",
+}
 READY_MESSAGE = "ScaledObject is defined correctly and is ready for scaling"
 CHECK_FAILED = (
     "failed to ensure HPA is correctly created for ScaledObject: "

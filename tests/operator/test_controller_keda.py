@@ -45,15 +45,7 @@ async def test_a_scaled_object_status_event_refreshes_status_with_kedas_conditio
         await settle(controller)
         assert len(client.applies()) == applied, "a status change is not an edit"
         status = client.statuses[-1]
-        assert status["pools"]["cpu"]["autoscaler"] == {
-            "kind": "ScaledObject",
-            "name": "demo-cpu",
-            "ready": "True",
-            "active": "True",
-            "fallback": "False",
-            "paused": "False",
-            "hpa": "keda-demo-cpu",
-        }
+        assert status["pools"]["cpu"]["autoscaler"] == keda.READY_AND_ACTIVE
         found = conditions(status)["AutoscalingAvailable"]
         assert (found["status"], found["reason"]) == ("True", "KedaReady")
 
