@@ -27,12 +27,15 @@ NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack 
 MONITORING_PACKAGES := prometheus-alertmanager
 # The Argo CD e2e test: its repo server runs git against a local repository.
 GITOPS_PACKAGES := git
+# The kind e2e suite: a Docker engine started by the tests when none runs (docker.io), jq for its
+# runc wrapper and the kind node image build.
+KIND_PACKAGES := docker.io jq
 system-deps: ## Debian packages the tests use (promtool, openssl, redis, the real node's parts); needs root or sudo
-	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES) $(MONITORING_PACKAGES) $(GITOPS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
+	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES) $(MONITORING_PACKAGES) $(GITOPS_PACKAGES) $(KIND_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
 	if [ $${#need[@]} -gt 0 ]; then \
 	  sudo_=$$( [ "$$(id -u)" = 0 ] && echo || echo sudo ); \
 	  $$sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo_ apt-get install -y -qq --no-install-recommends "$${need[@]}"; \
-	  systemctl disable --now prometheus prometheus-alertmanager redis-server containerd 2>/dev/null || true; \
+	  systemctl disable --now prometheus prometheus-alertmanager redis-server containerd docker.socket docker 2>/dev/null || true; \
 	fi
 
 venv: $(VENV)/.installed ## Python virtualenv with the project and its dev extras
@@ -92,7 +95,7 @@ typecheck: venv ## mypy --strict
 	$(PY) -m mypy operator/rembg_operator inference_image/rembg_server devcluster/rembg_devcluster
 
 ##@ Test
-.PHONY: test check unit e2e e2e-kind
+.PHONY: test check unit e2e e2e-kind e2e-kind-smoke
 # The Go builds are CPU-bound (about half an hour on 2 cores when nothing is cached, seconds
 # when everything is): they run beside the lint, type and unit checks and the images that need
 # no Go binary (mostly downloads); the Go images and the e2e tests wait for them.
@@ -102,7 +105,7 @@ test: system-deps venv model ## Everything CI runs: lint, types, unit/integratio
 	built=0; wait $$binaries || built=$$?; cat build/binaries.log; \
 	if [ $$built != 0 ]; then echo "make test: the Go builds failed (build/binaries.log above)"; exit $$built; fi; \
 	exit $$checks
-	$(MAKE) --no-print-directory images e2e
+	$(MAKE) --no-print-directory images e2e e2e-kind-smoke
 
 check: test ## Alias of test
 
@@ -110,10 +113,13 @@ unit: venv model ## Unit and integration tests (no cluster)
 	$(PYTEST) tests
 
 e2e: venv model binaries ## End-to-end tests against the local control plane (the real-node tests need `make images`)
-	$(PYTEST) e2e -p no:cacheprovider
+	$(PYTEST) e2e -p no:cacheprovider --ignore=e2e/kind
 
-e2e-kind: ## The e2e suite against a kind cluster (needs Docker)
-	e2e/kind/run.sh
+e2e-kind: venv model binaries images ## The kind suite: a kind cluster (node image built offline where kindest/node cannot be pulled; a Docker engine started where none runs)
+	$(PYTEST) e2e/kind -p no:cacheprovider
+
+e2e-kind-smoke: venv model binaries images ## The kind suite's CI subset: cluster up, chart install, one RembgService Ready, one cutout, cluster down
+	$(PYTEST) e2e/kind -p no:cacheprovider -m kind_smoke
 
 ##@ Benchmarks
 .PHONY: bench bench-server bench-operator bench-jobs

@@ -53,11 +53,12 @@ publish() { # tmpdir dir name version seconds: atomically replace dir with tmpdi
   say "$name $version ready in ${seconds}s -> $dir"
 }
 
-# --- Kubernetes: kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and etcd ------
+# --- Kubernetes: control plane, node, kubectl, kubeadm and etcd ---------------------------------
 # etcd is the server version Kubernetes itself pins (go.etcd.io/etcd/server/v3 in its module
 # graph): kube-apiserver needs etcd >= 3.5.13 for RequestWatchProgress, without which watch-list
 # requests (KWOK's) fail and its pod updates lag by up to a minute.
-k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kubelet kube-proxy)
+# kubeadm is for the kind node image (devcluster/build-kind-node.sh).
+k8s_components=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kubelet kube-proxy kubeadm)
 k8s_bin=$CACHE/bin/kubernetes-$KUBERNETES_VERSION
 if ! is_cached "$k8s_bin" kubernetes "$KUBERNETES_VERSION" "${k8s_components[@]}"; then
   current_step="kubernetes $KUBERNETES_VERSION"
@@ -251,6 +252,41 @@ if ! is_cached "$argocd_bin" "argocd+$argocd_recipe" "$ARGOCD_VERSION" argocd ar
   chmod -R u+w "$tmp"
   rm -rf "$work"
   publish "$tmp" "$argocd_bin" "argocd+$argocd_recipe" "$ARGOCD_VERSION" $((SECONDS - start))
+fi
+# --- kind and crictl: `make e2e-kind` (kind's `load docker-image` runs crictl in the node) -------
+kind_bin=$CACHE/bin/kind-$KIND_VERSION
+if ! is_cached "$kind_bin" kind "$KIND_VERSION+crictl-$CRICTL_VERSION" kind crictl; then
+  current_step="kind $KIND_VERSION and crictl $CRICTL_VERSION"
+  start=$SECONDS
+  say "building kind $KIND_VERSION and crictl $CRICTL_VERSION"
+  tmp=$(mktemp -d "$CACHE/bin/.kind.XXXXXX")
+  GOBIN=$tmp "$GO" install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION"
+  GOBIN=$tmp "$GO" install -trimpath -ldflags "-s -w -X sigs.k8s.io/cri-tools/pkg/version.Version=$CRICTL_VERSION" \
+    "sigs.k8s.io/cri-tools/cmd/crictl@$CRICTL_VERSION"
+  publish "$tmp" "$kind_bin" kind "$KIND_VERSION+crictl-$CRICTL_VERSION" $((SECONDS - start))
+fi
+
+# --- CoreDNS: the kind node image's cluster DNS -------------------------------------------------
+# Built with only the plugins kubeadm's Corefile uses, through a main of ours
+# (devcluster/go/coredns/main.go), the compile-time selection CoreDNS documents: upstream's main
+# links every plugin, the cloud DNS providers' SDKs included.
+coredns_bin=$CACHE/bin/coredns-$COREDNS_VERSION
+coredns_main=$here/go/coredns/main.go
+coredns_recipe=$(sha256sum < "$coredns_main" | cut -c1-12)
+if ! is_cached "$coredns_bin" "coredns+$coredns_recipe" "$COREDNS_VERSION" coredns; then
+  current_step="coredns $COREDNS_VERSION"
+  start=$SECONDS
+  say "building CoreDNS $COREDNS_VERSION (kubeadm's plugins only)"
+  tmp=$(mktemp -d "$CACHE/bin/.coredns.XXXXXX")
+  work=$CACHE/src/coredns-$COREDNS_VERSION
+  rm -rf "$work"; mkdir -p "$work"
+  cp "$coredns_main" "$work/main.go"
+  printf 'module rembgfleet/corednsbuild\n\ngo 1.26\n\nrequire github.com/coredns/coredns %s\n' "$COREDNS_VERSION" > "$work/go.mod"
+  (cd "$work" && GOWORK=off "$GO" build -mod=mod -trimpath -o "$tmp/coredns" \
+    -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" .)
+  "$tmp/coredns" -plugins | grep -q kubernetes || { say "the CoreDNS build has no kubernetes plugin"; false; }
+  rm -rf "$work"
+  publish "$tmp" "$coredns_bin" "coredns+$coredns_recipe" "$COREDNS_VERSION" $((SECONDS - start))
 fi
 trap - ERR
 say "all binaries ready under $CACHE/bin"

@@ -52,6 +52,8 @@ CA_BUNDLE=${REMBG_FLEET_CA_BUNDLE:-${PIP_CERT:-${SSL_CERT_FILE:-/etc/ssl/certs/c
 PYTHON=${PYTHON:-$root/.venv/bin/python}
 [ -x "$PYTHON" ] || PYTHON=python3
 GO=${GO:-$root/.venv/bin/go}
+# shellcheck source=devcluster/image-lib.sh
+source "$here/image-lib.sh"
 
 say() { echo "build-images: $*" >&2; }
 current_step="setup"
@@ -76,10 +78,6 @@ if ! flock -n 9; then
   say "another build holds $IMAGES/.build.lock; waiting for it"
   flock 9
 fi
-remove_tree() { # dir: unmount what a half-done debootstrap left mounted inside (/proc, /sys), delete
-  awk -v t="$1/" 'index($2, t) == 1 { print $2 }' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  rm -rf --one-file-system "$1"
-}
 # Holding the lock, any temporary folder left behind is from a build that was killed.
 for stale in "$IMAGES"/.tmp.*; do [ -d "$stale" ] && remove_tree "$stale"; done
 tmp=$(mktemp -d "$IMAGES/.tmp.XXXXXX")
@@ -91,42 +89,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-sha256() { sha256sum | cut -d' ' -f1; }
 hash_inputs() { # paths relative to the repository root -> one sha256 over names and contents
   # Files on disk, tracked or not (what COPY copies), minus bytecode (.dockerignore drops it too).
   (cd "$root" && find "$@" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 \
     | LC_ALL=C sort -z | xargs -0 sha256sum) | sha256
-}
-archive_size() { stat -c %s "$1"; }
-mb() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
-
-# --- buildah with storage of its own ------------------------------------------------------------
-STORE=$CACHE/buildah/storage
-RUNROOT=${REMBG_FLEET_BUILDAH_RUNROOT:-/run/rembg-fleet-buildah/$(echo "$STORE" | sha256 | cut -c1-12)}
-B() { buildah --root "$STORE" --runroot "$RUNROOT" --storage-driver "$DRIVER" "$@"; }
-
-pick_driver() { # overlay when the kernel mounts it here (a layer on a layer), else vfs; remembered
-  local file=$CACHE/buildah/driver
-  if [ -s "$file" ]; then DRIVER=$(cat "$file"); return; fi
-  mkdir -p "$CACHE/buildah"
-  local probe=$tmp/probe out ctr mnt
-  DRIVER=overlay
-  probe_overlay() {
-    P() { buildah --root "$probe/storage" --runroot "$probe/run" --storage-driver overlay "$@"; }
-    ctr=$(P from scratch) && mnt=$(P mount "$ctr") && echo probe > "$mnt/probe" && P umount "$ctr" >/dev/null \
-      && P commit -q --rm "$ctr" localhost/probe >/dev/null \
-      && ctr=$(P from --pull=never localhost/probe) && mnt=$(P mount "$ctr") && grep -q probe "$mnt/probe" \
-      && P rm "$ctr" >/dev/null && P rmi -a -f >/dev/null
-  }
-  if out=$(probe_overlay 2>&1); then
-    say "storage driver: overlay"
-  else
-    DRIVER=vfs
-    say "storage driver: vfs (overlay did not work on kernel $(uname -r): $(echo "$out" | tail -n1))"
-  fi
-  buildah --root "$probe/storage" --runroot "$probe/run" --storage-driver overlay rm -a >/dev/null 2>&1 || true
-  rm -rf "$probe"
-  echo "$DRIVER" > "$file"
 }
 
 label_of() { # image label -> value, empty when the image or label is absent
@@ -134,13 +100,6 @@ label_of() { # image label -> value, empty when the image or label is absent
 }
 
 # --- The base: debootstrap minbase + python3, made into an image FROM scratch ------------------
-debian_mirror() { # the Debian mirror apt is configured with (deb822 sources first)
-  local uri
-  [ -n "${DEBIAN_MIRROR:-}" ] && { echo "$DEBIAN_MIRROR"; return; }
-  uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null | sed -n 's|^URIs:[[:space:]]*\(\S*/debian\)/\?[[:space:]]*$|\1|p' | head -n1)
-  [ -n "$uri" ] || uri=$(grep -hsE "^deb\s+\S+/debian/?\s+$SUITE\s" /etc/apt/sources.list /etc/apt/sources.list.d/*.list | awk '{print $2}' | head -n1)
-  echo "${uri:-http://deb.debian.org/debian}"
-}
 base_key=$(printf 'recipe=%s suite=%s packages=%s arch=%s\n' "$BASE_RECIPE" "$SUITE" "$BASE_PACKAGES" \
   "$(dpkg --print-architecture 2>/dev/null || uname -m)" | sha256)
 
@@ -157,25 +116,7 @@ ensure_base() { # builds or imports localhost/rembg-fleet/python-base once per r
     say "debootstrap --variant=minbase $SUITE from $mirror (cold: ~90 s)"
     debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$dir" "$mirror" > "$tmp/debootstrap.log" 2>&1 \
       || { tail -n 30 "$tmp/debootstrap.log" >&2; say "debootstrap failed (log above)"; false; }
-    # Slim like Docker's debian:*-slim: no docs, man pages, locales or apt lists, now or later.
-    cat > "$dir/etc/dpkg/dpkg.cfg.d/rembg-fleet-slim" <<'EOF'
-path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-path-include /usr/share/locale/locale.alias
-path-exclude /usr/share/lintian/*
-EOF
-    printf 'APT::Install-Recommends "false";\nAPT::Install-Suggests "false";\n' > "$dir/etc/apt/apt.conf.d/rembg-fleet-slim"
-    find "$dir/usr/share/doc" -mindepth 1 ! -name copyright ! -type d -delete
-    find "$dir/usr/share/doc" -mindepth 1 -type d -empty -delete
-    find "$dir/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
-    rm -rf "$dir"/usr/share/{man,info,lintian}/* "$dir"/var/lib/apt/lists/* "$dir"/var/cache/apt/*.bin \
-      "$dir"/var/cache/apt/archives/*.deb "$dir"/var/cache/debconf/*-old "$dir"/var/lib/dpkg/*-old \
-      "$dir"/var/log/* "$dir"/tmp/* "$dir"/root/.cache
-    # The runtime provides these; debootstrap copied the host's.
-    : > "$dir/etc/resolv.conf"; : > "$dir/etc/hostname"; rm -f "$dir/etc/machine-id"
+    slim_rootfs "$dir"
     local tool
     for tool in usr/sbin/groupadd usr/sbin/useradd usr/bin/python3 usr/bin/python; do
       [ -x "$dir/$tool" ] || { say "the base has no /$tool"; false; }

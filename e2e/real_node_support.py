@@ -8,6 +8,7 @@ the images `make images` built. A host that cannot run one fails the test with o
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import threading
 import time
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from PIL import Image
+from rembg import new_session, remove
 from rembg_devcluster import ClusterConfig, DevCluster, real_node
 from rembg_devcluster.images import load_image_index
+from rembg_devcluster.kube import KubeHandle
 from rembg_devcluster.node_config import NODE_NAME, NodePaths
 from skimage import data
 
@@ -239,3 +243,102 @@ def photo(size: tuple[int, int] = (640, 480)) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+# ---- What the real-pod suites (the real node's, kind's) assert the same way ---------------------
+CUTOUT_TOLERANCE = 1 / 255
+
+
+def alpha_diff(a: Image.Image, b: Image.Image) -> float:
+    ours = np.asarray(a, dtype=np.float64)
+    theirs = np.asarray(b, dtype=np.float64)
+    return float(np.mean(np.abs(ours - theirs)) / 255)
+
+
+def assert_cutout_matches_rembg(url: str) -> None:
+    """POSTs a real photo to url (a Service's /v1/remove); the cutout must match what the rembg
+    library makes of it in this process, within one grey level on average."""
+    image = photo()
+    response = httpx.post(url, content=image, headers={"Content-Type": "image/jpeg"}, timeout=120)
+    assert response.status_code == 200, response.text
+    ours = Image.open(io.BytesIO(response.content))
+    theirs = Image.open(io.BytesIO(remove(image, session=new_session("u2netp"))))
+    assert ours.size == theirs.size
+    assert alpha_diff(ours.getchannel("A"), theirs.getchannel("A")) <= CUTOUT_TOLERANCE
+    assert alpha_diff(ours, theirs) <= CUTOUT_TOLERANCE
+
+
+def rolled_out(cluster: KubeHandle, namespace: str, deployment: str, generation: int) -> bool:
+    found = get(cluster, namespace, "deployment", deployment) or {}
+    status = found.get("status", {})
+    replicas = found.get("spec", {}).get("replicas", 0)
+    return bool(
+        status.get("observedGeneration", 0) >= generation
+        and status.get("updatedReplicas") == replicas
+        and status.get("replicas") == replicas
+        and status.get("availableReplicas") == replicas
+    )
+
+
+def endpoint_conditions(
+    cluster: KubeHandle, namespace: str, service: str, pod: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The conditions of the pod's endpoint in its Service's EndpointSlices, as now seen."""
+    listing = get(
+        cluster, namespace, "endpointslices", "-l", f"kubernetes.io/service-name={service}"
+    )
+    return [
+        dict(endpoint.get("conditions") or {})
+        for item in (listing or {}).get("items", [])
+        for endpoint in item.get("endpoints") or []
+        if (endpoint.get("targetRef") or {}).get("name") == pod["metadata"]["name"]
+    ]
+
+
+def roll_under_load(
+    cluster: KubeHandle, namespace: str, manifest: dict[str, Any], timeout: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rolls a Ready one-replica CPU pool (a pod annotation changed) while closed-loop clients
+    post real images through its ClusterIP. Surge first, drain last: the old pod's endpoint is
+    seen draining (not ready, still serving), and no request fails. Returns (old, new) pod."""
+    name = manifest["metadata"]["name"]
+    selector = f"rembg.io/service={name},rembg.io/pool=cpu"
+    (before,) = ready_pods(cluster, namespace, selector)
+    load = LoadClient(f"http://{cluster_ip(cluster, namespace, name)}/v1/remove", photo())
+    load.start()
+    try:
+        time.sleep(5)
+        deployment = f"{name}-cpu"
+        generation = (get(cluster, namespace, "deployment", deployment) or {})["metadata"][
+            "generation"
+        ]
+        manifest["spec"]["cpu"]["podAnnotations"] = {"rembg.io/rollout-test": str(generation)}
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+        eventually(
+            lambda: rolled_out(cluster, namespace, deployment, generation + 1),
+            what="the CPU pool to roll to its new template",
+            timeout=timeout,
+        )
+        # The old pod drains (preStop, then in-flight requests) while the load goes on: its
+        # endpoint is no longer ready (new connections go elsewhere) while it still serves.
+        seen: list[dict[str, Any]] = []
+
+        def old_pod_gone() -> bool:
+            seen.extend(endpoint_conditions(cluster, namespace, name, before))
+            return all(
+                p["metadata"]["name"] != before["metadata"]["name"]
+                for p in pods(cluster, namespace, selector)
+            )
+
+        eventually(old_pod_gone, what="the old pod to be gone", timeout=timeout)
+        draining = {"ready": False, "serving": True, "terminating": True}
+        assert draining in seen, seen
+        time.sleep(3)
+    finally:
+        outcomes = load.stop()
+    total = sum(outcomes.values())
+    print(f"rolling update under load: {total} requests, outcomes {dict(outcomes)}")
+    assert total >= 10
+    assert outcomes == Counter({"200": total}), describe_pods(cluster, namespace)
+    (after,) = ready_pods(cluster, namespace, selector)
+    return before, after

@@ -8,21 +8,16 @@ as a process watching it. Every pod here runs `ghcr.io/rembg-fleet/server:0.1.0`
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
-from rembg import new_session, remove
 from rembg_devcluster import DevCluster
 from rembg_devcluster.metrics_stack import MetricsStack
 from rembg_operator.custom_metrics import build_adapter_config
@@ -40,6 +35,7 @@ from e2e.operator_support import (
 )
 from e2e.real_node_support import (
     LoadClient,
+    assert_cutout_matches_rembg,
     cluster_ip,
     container_host_pid,
     create_restricted_namespace,
@@ -49,6 +45,7 @@ from e2e.real_node_support import (
     photo,
     pods,
     ready_pods,
+    roll_under_load,
     start_real_node_cluster,
     wait_for_endpoints,
 )
@@ -79,12 +76,6 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     finally:
         cluster.stop()
     assert cluster.state.teardown_problems == []
-
-
-def _alpha_diff(a: Image.Image, b: Image.Image) -> float:
-    ours = np.asarray(a, dtype=np.float64)
-    theirs = np.asarray(b, dtype=np.float64)
-    return float(np.mean(np.abs(ours - theirs)) / 255)
 
 
 def _timestamp(value: str) -> datetime:
@@ -141,28 +132,8 @@ def test_minimal_example_runs_real_pods_and_cuts_out_through_the_service(fleet: 
     assert start_to_ready >= warmup - 1.0
 
     wait_for_endpoints(cluster, namespace, "demo")
-    image = photo()
-    url = f"http://{cluster_ip(cluster, namespace, 'demo')}/v1/remove"
-    response = httpx.post(url, content=image, headers={"Content-Type": "image/jpeg"}, timeout=120)
-    assert response.status_code == 200, response.text
-    ours = Image.open(io.BytesIO(response.content))
-    theirs = Image.open(io.BytesIO(remove(image, session=new_session("u2netp"))))
-    assert ours.size == theirs.size
-    assert _alpha_diff(ours.getchannel("A"), theirs.getchannel("A")) <= TOLERANCE
-    assert _alpha_diff(ours, theirs) <= TOLERANCE
+    assert_cutout_matches_rembg(f"http://{cluster_ip(cluster, namespace, 'demo')}/v1/remove")
     cluster.kubectl("delete", "rembgservice", "demo", "-n", namespace, "--wait=false")
-
-
-def _rolled_out(cluster: DevCluster, namespace: str, deployment: str, generation: int) -> bool:
-    found = get(cluster, namespace, "deployment", deployment) or {}
-    status = found.get("status", {})
-    replicas = found.get("spec", {}).get("replicas", 0)
-    return bool(
-        status.get("observedGeneration", 0) >= generation
-        and status.get("updatedReplicas") == replicas
-        and status.get("replicas") == replicas
-        and status.get("availableReplicas") == replicas
-    )
 
 
 def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
@@ -183,62 +154,10 @@ def test_a_spec_change_rolls_the_pool_under_load_without_a_failed_request(
     kubectl_apply(cluster, namespace, manifest)
     wait_ready(cluster, namespace, "rolling", timeout=READY_TIMEOUT)
     wait_for_endpoints(cluster, namespace, "rolling")
-    (before,) = ready_pods(cluster, namespace, _selector("rolling"))
-
-    load = LoadClient(f"http://{cluster_ip(cluster, namespace, 'rolling')}/v1/remove", photo())
-    load.start()
-    try:
-        time.sleep(5)
-        generation = (get(cluster, namespace, "deployment", "rolling-cpu") or {})["metadata"][
-            "generation"
-        ]
-        manifest["spec"]["cpu"]["podAnnotations"] = {"rembg.io/rollout-test": "2"}
-        kubectl_apply(cluster, namespace, manifest)
-        eventually(
-            lambda: _rolled_out(cluster, namespace, "rolling-cpu", generation + 1),
-            what="the CPU pool to roll to its new template",
-            timeout=READY_TIMEOUT,
-        )
-        # The old pod drains (preStop, then in-flight requests) while the load goes on: its
-        # endpoint is no longer ready (new connections go elsewhere) while it still serves.
-        seen: list[dict[str, Any]] = []
-
-        def old_pod_gone() -> bool:
-            seen.extend(_endpoint_conditions(cluster, namespace, "rolling", before))
-            return all(
-                p["metadata"]["name"] != before["metadata"]["name"]
-                for p in pods(cluster, namespace, _selector("rolling"))
-            )
-
-        eventually(old_pod_gone, what="the old pod to be gone", timeout=READY_TIMEOUT)
-        draining = {"ready": False, "serving": True, "terminating": True}
-        assert draining in seen, seen
-        time.sleep(3)
-    finally:
-        outcomes = load.stop()
-    total = sum(outcomes.values())
-    print(f"rolling update under load: {total} requests, outcomes {dict(outcomes)}")
-    assert total >= 10
-    assert outcomes == Counter({"200": total}), describe_pods(cluster, namespace)
-    (after,) = ready_pods(cluster, namespace, _selector("rolling"))
+    before, after = roll_under_load(cluster, namespace, manifest, timeout=READY_TIMEOUT)
     assert after["metadata"]["name"] != before["metadata"]["name"]
     assert on_real_node(after)
     cluster.kubectl("delete", "rembgservice", "rolling", "-n", namespace, "--wait=false")
-
-
-def _endpoint_conditions(
-    cluster: DevCluster, namespace: str, service: str, pod: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """The conditions of the pod's endpoint in its Service's EndpointSlices, as now seen."""
-    listing = get(
-        cluster, namespace, "endpointslices", "-l", f"kubernetes.io/service-name={service}"
-    )
-    return [
-        dict(endpoint.get("conditions") or {})
-        for item in (listing or {}).get("items", [])
-        for endpoint in item.get("endpoints") or []
-        if (endpoint.get("targetRef") or {}).get("name") == pod["metadata"]["name"]
-    ]
 
 
 def _failing(name: str, cpu: dict[str, Any], **overrides: Any) -> dict[str, Any]:

@@ -1,13 +1,15 @@
 """What a real node changes on the host, recorded before it starts and compared after it stops.
 
 A snapshot holds the sysctls kubelet, kube-proxy and we may set, the iptables rulesets (IPv4
-and IPv6, counters dropped), mount points, network links, the top-level cgroups of every
-hierarchy, and the fixed paths containerd and kubelet write outside their configured roots.
+and IPv6, counters dropped), mount points, network links and IPv4 routes, the top-level cgroups
+of every hierarchy, and the fixed paths containerd and kubelet write outside their configured
+roots.
 `differences(before, after)` lists, in words, what is not as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -53,6 +55,7 @@ class HostSnapshot(BaseModel):
     cgroups: list[str]
     paths: dict[str, bool]
     node_dirs: list[str] = []
+    routes: list[str] = []
 
 
 def sysctl_path(name: str) -> Path:
@@ -129,6 +132,31 @@ def take_cgroups() -> list[str]:
     return found
 
 
+def new_cgroups(before: HostSnapshot, name: str) -> list[str]:
+    """Top-level cgroups called `name` (kubelet's `kubepods`, dockerd's `docker`), one per
+    hierarchy, that were not there before; nothing else is touched, whoever made it."""
+    existed = set(before.cgroups)
+    return [top for top in take_cgroups() if top not in existed and Path(top).name == name]
+
+
+def remove_cgroups(tops: list[str]) -> list[str]:
+    """Removes each cgroup tree, deepest first; returns the ones that would not go."""
+    problems = []
+    for top in tops:
+        for directory in sorted(
+            (p for p in Path(top).rglob("*") if p.is_dir()),
+            key=lambda p: len(p.parts),
+            reverse=True,
+        ):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        try:
+            Path(top).rmdir()
+        except OSError as error:
+            problems.append(f"cgroup {top}: {error}")
+    return problems
+
+
 def take_snapshot() -> HostSnapshot:
     return HostSnapshot(
         sysctls={name: read_sysctl(name) for name in WATCHED_SYSCTLS},
@@ -138,7 +166,16 @@ def take_snapshot() -> HostSnapshot:
         cgroups=take_cgroups(),
         paths={path: Path(path).exists() for path in FIXED_PATHS},
         node_dirs=sorted(str(p) for pattern in NODE_DIR_GLOBS for p in Path("/").glob(pattern[1:])),
+        routes=_routes(),
     )
+
+
+def _routes() -> list[str]:
+    """The main IPv4 routing table (a route to a kind cluster's Services, for one)."""
+    result = subprocess.run(
+        ["ip", "-4", "route", "show"], capture_output=True, text=True, check=False, timeout=30
+    )
+    return sorted(line.strip() for line in result.stdout.splitlines() if line.strip())
 
 
 def _list_changes(what: str, before: list[str], after: list[str]) -> list[str]:
@@ -167,6 +204,7 @@ def differences(before: HostSnapshot, after: HostSnapshot) -> list[str]:
     found += _list_changes("link", before.links, after.links)
     found += _list_changes("cgroup", before.cgroups, after.cgroups)
     found += _list_changes("node directory", before.node_dirs, after.node_dirs)
+    found += _list_changes("route", before.routes, after.routes)
     found += [
         f"path {path} {'appeared' if exists else 'disappeared'}"
         for path, exists in after.paths.items()

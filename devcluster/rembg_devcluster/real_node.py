@@ -297,7 +297,7 @@ def teardown_host(state: RealNodeState, kube_proxy: Path) -> list[str]:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 Path(path).unlink(missing_ok=True)
-    problems += _remove_new_cgroups(state.before)
+    problems += host_state.remove_cgroups(host_state.new_cgroups(state.before, "kubepods"))
     for name, value in state.before.sysctls.items():
         if value is not None and host_state.read_sysctl(name) != value:
             try:
@@ -392,40 +392,11 @@ def _delete_links(bridge: str) -> None:
         _run(["ip", "link", "delete", bridge], check=False)
 
 
-def _node_cgroups(before: host_state.HostSnapshot) -> list[str]:
-    """kubelet's top-level cgroups (one `kubepods` per hierarchy) that were not there before;
-    nothing else is touched, whoever else made a cgroup meanwhile."""
-    existed = set(before.cgroups)
-    return [
-        top
-        for top in host_state.take_cgroups()
-        if top not in existed and Path(top).name == "kubepods"
-    ]
-
-
 def _kill_pod_processes(before: host_state.HostSnapshot) -> None:
     """Container processes outlive their killed shims: whatever still runs in the cgroups the
     node made (kubepods) is one of its pods' processes, and is SIGKILLed."""
-    for top in _node_cgroups(before):
+    for top in host_state.new_cgroups(before, "kubepods"):
         for procs in Path(top).rglob("cgroup.procs"):
             with contextlib.suppress(OSError, ValueError):
                 for pid in procs.read_text().split():
                     os.kill(int(pid), signal.SIGKILL)
-
-
-def _remove_new_cgroups(before: host_state.HostSnapshot) -> list[str]:
-    """The cgroups kubelet made (kubepods, ...) in each hierarchy, removed deepest first."""
-    problems = []
-    for top in _node_cgroups(before):
-        for directory in sorted(
-            (p for p in Path(top).rglob("*") if p.is_dir()),
-            key=lambda p: len(p.parts),
-            reverse=True,
-        ):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        try:
-            Path(top).rmdir()
-        except OSError as error:
-            problems.append(f"cgroup {top}: {error}")
-    return problems
