@@ -27,9 +27,9 @@ NODE_PACKAGES := containerd runc containernetworking-plugins iptables conntrack 
 MONITORING_PACKAGES := prometheus-alertmanager
 # The Argo CD e2e test: its repo server runs git against a local repository.
 GITOPS_PACKAGES := git
-# The kind e2e suite: a Docker engine started by the tests when none runs (docker.io), jq for its
-# runc wrapper and the kind node image build.
-KIND_PACKAGES := docker.io jq
+# The kind e2e suite: a Docker engine started by the tests when none runs (docker.io); jq (its
+# runc wrapper, the node image build) and setcap (CoreDNS's image binds :53 as non-root).
+KIND_PACKAGES := docker.io jq libcap2-bin
 system-deps: ## Debian packages the tests use (promtool, openssl, redis, the real node's parts); needs root or sudo
 	@need=(); for p in prometheus openssl redis-server $(NODE_PACKAGES) $(MONITORING_PACKAGES) $(GITOPS_PACKAGES) $(KIND_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || need+=($$p); done; \
 	if [ $${#need[@]} -gt 0 ]; then \

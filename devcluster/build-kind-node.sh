@@ -51,7 +51,7 @@ trap 'say "FAILED while building ${current_step} (see the output above); nothing
 
 [ "$(id -u)" = 0 ] || { say "needs root (debootstrap, buildah with private storage, a private containerd)"; exit 1; }
 need=()
-for tool in buildah debootstrap containerd ctr jq; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in buildah debootstrap containerd ctr jq setcap; do command -v "$tool" >/dev/null || need+=("$tool"); done
 [ ${#need[@]} -eq 0 ] || { say "missing ${need[*]}: make system-deps"; exit 1; }
 binaries=("$K8S_BIN"/{kubeadm,kubelet,kubectl,kube-apiserver,kube-controller-manager,kube-scheduler,kube-proxy,etcd} "$KIND_BIN/crictl" "$COREDNS_BIN/coredns")
 for binary in "${binaries[@]}"; do
@@ -191,8 +191,13 @@ for component in kube-apiserver kube-controller-manager kube-scheduler etcd; do
   export_image "$ctr" "registry.k8s.io/$component:$tag"
 done
 current_step="the CoreDNS image"
+# As upstream's image: a non-root user that binds port 53 through the binary's file capability.
+mkdir -p "$tmp/coredns"
+cp "$COREDNS_BIN/coredns" "$tmp/coredns/coredns"
+setcap cap_net_bind_service=+ep "$tmp/coredns/coredns"
+tar --xattrs --xattrs-include=security.capability -C "$tmp/coredns" -cf "$tmp/coredns.tar" coredns
 ctr=$(from scratch)
-B copy "$ctr" "$COREDNS_BIN/coredns" /coredns >/dev/null
+B add "$ctr" "$tmp/coredns.tar" / >/dev/null
 B config --user 65532:65532 --entrypoint '["/coredns"]' "$ctr"
 export_image "$ctr" "registry.k8s.io/coredns/coredns:$COREDNS_VERSION"
 current_step="the kube-proxy and CNI images"

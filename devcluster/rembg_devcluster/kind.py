@@ -108,6 +108,8 @@ def ensure_node_image(engine: DockerEngine) -> tuple[str | None, str | None]:
     ).stdout.strip()
     if label != node.key:
         engine.docker("load", "--quiet", "--input", str(node.archive), timeout=900)
+        # The build it replaces, if any, is untagged now: its layers go.
+        engine.docker("image", "prune", "--force", timeout=300, check=False)
     return node.ref, node.cni_image
 
 

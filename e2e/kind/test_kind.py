@@ -151,7 +151,12 @@ def test_minimal_example_is_ready_with_real_pods_and_cuts_out_through_the_servic
     assert uid == "10001"
     service = get(cluster, FLEET, "rembgservice", "demo")
     assert condition(service, "Ready")["status"] == "True"
-    assert_cutout_matches_rembg(f"http://{cluster_ip(cluster, FLEET, 'demo')}/v1/remove")
+    address = cluster_ip(cluster, FLEET, "demo")
+    # Cluster DNS (CoreDNS) answers for the Service's name from inside a pod.
+    lookup = "import socket; print(socket.gethostbyname('demo.fleet.svc.cluster.local'))"
+    resolved = cluster.kubectl("exec", "-n", FLEET, name, "--", "python", "-c", lookup)
+    assert resolved.stdout.strip() == address
+    assert_cutout_matches_rembg(f"http://{address}/v1/remove")
     _delete(fleet, "demo")
 
 
