@@ -113,7 +113,7 @@ unit: venv model ## Unit and integration tests (no cluster)
 	$(PYTEST) tests
 
 e2e: venv model binaries ## End-to-end tests against the local control plane (the real-node tests need `make images`)
-	$(PYTEST) e2e -p no:cacheprovider --ignore=e2e/kind
+	$(PYTEST) e2e -p no:cacheprovider --ignore=e2e/kind --durations=30
 
 e2e-kind: venv model binaries images ## The kind suite: a kind cluster (node image built offline where kindest/node cannot be pulled; a Docker engine started where none runs)
 	$(PYTEST) e2e/kind -p no:cacheprovider

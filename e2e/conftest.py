@@ -3,7 +3,7 @@
 - `cluster` (session): etcd + kube-apiserver + kube-controller-manager + kube-scheduler + KWOK
   on free loopback ports in a temp dir, with 2 CPU and 2 GPU KWOK nodes and the Prometheus
   Operator CRDs; torn down at the end. With REMBG_E2E_KUBECONFIG=<path> it uses that cluster
-  instead (`make e2e-kind`) and starts no control plane.
+  instead (any cluster you run) and starts no control plane.
 - `bare_cluster` (session, started on first use): the same without the monitoring CRDs.
 - `cpu_only_cluster` (session, started on first use): no GPU nodes at all.
 - `cluster_factory` (session): start more clusters with custom ClusterConfig options

@@ -1,6 +1,6 @@
 """A cluster someone else runs (kind, a real one): reached through an existing kubeconfig.
 
-The e2e suite uses it when REMBG_E2E_KUBECONFIG is set (`make e2e-kind`); processes the tests
+The e2e suite uses it when REMBG_E2E_KUBECONFIG is set (a cluster you run); processes the tests
 spawn (the operator) still run here, against that cluster.
 """
 
