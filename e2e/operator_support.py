@@ -228,3 +228,30 @@ def children(cluster: Any, namespace: str, service: str) -> dict[str, set[str]]:
         listing = get(cluster, namespace, kind, "-l", f"rembg.io/service={service}")
         found[kind] = {i["metadata"]["name"] for i in (listing or {}).get("items", [])}
     return found
+
+
+def assert_deployment_drift_repaired(cluster: Any, namespace: str, deployment: str) -> None:
+    """The operator puts a pool's Deployment back: deleted, it is recreated (a new uid); its
+    container image edited by hand, the image is restored."""
+    original = get(cluster, namespace, "deployment", deployment)
+    assert original is not None
+    image = original["spec"]["template"]["spec"]["containers"][0]["image"]
+    cluster.kubectl("delete", "deployment", deployment, "-n", namespace)
+    eventually(
+        lambda: (
+            (d := get(cluster, namespace, "deployment", deployment))
+            and d["metadata"]["uid"] != original["metadata"]["uid"]
+        ),
+        what=f"the deleted Deployment {deployment} to be recreated",
+    )
+    patch = {
+        "spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil:1"}]}}}
+    }
+    cluster.kubectl("patch", "deployment", deployment, "-n", namespace, "-p", json.dumps(patch))
+    eventually(
+        lambda: (
+            (d := get(cluster, namespace, "deployment", deployment))
+            and d["spec"]["template"]["spec"]["containers"][0]["image"] == image
+        ),
+        what=f"the edited image of {deployment} to be restored",
+    )

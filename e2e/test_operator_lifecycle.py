@@ -12,6 +12,7 @@ from typing import Any
 
 from e2e.operator_support import (
     OperatorProcess,
+    assert_deployment_drift_repaired,
     children,
     condition,
     eventually,
@@ -107,30 +108,7 @@ def test_gpu_pool_lands_on_gpu_nodes_only(
 def test_drift_is_repaired(cluster: Any, namespace: str, operator: OperatorProcess) -> None:
     kubectl_apply(cluster, namespace, example("minimal.yaml"))
     wait_ready(cluster, namespace, "demo")
-    original = _deployment(cluster, namespace, "demo-cpu")
-    assert original is not None
-
-    cluster.kubectl("delete", "deployment", "demo-cpu", "-n", namespace)
-    eventually(
-        lambda: (
-            (d := _deployment(cluster, namespace, "demo-cpu"))
-            and d["metadata"]["uid"] != original["metadata"]["uid"]
-        ),
-        what="the deleted Deployment to be recreated",
-    )
-
-    patch = {
-        "spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil:1"}]}}}
-    }
-    cluster.kubectl("patch", "deployment", "demo-cpu", "-n", namespace, "-p", json.dumps(patch))
-    eventually(
-        lambda: (
-            (d := _deployment(cluster, namespace, "demo-cpu"))
-            and d["spec"]["template"]["spec"]["containers"][0]["image"]
-            == original["spec"]["template"]["spec"]["containers"][0]["image"]
-        ),
-        what="the edited image to be restored",
-    )
+    assert_deployment_drift_repaired(cluster, namespace, "demo-cpu")
 
     cluster.kubectl(
         "patch",

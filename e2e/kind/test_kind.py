@@ -8,7 +8,6 @@ chart install, one RembgService Ready, one cutout, cluster down (the fixture's t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from rembg_devcluster.images import load_image_index
 
 from e2e.kind.conftest import Kind
 from e2e.operator_support import (
+    assert_deployment_drift_repaired,
     children,
     condition,
     eventually,
@@ -163,27 +163,10 @@ def test_minimal_example_is_ready_with_real_pods_and_cuts_out_through_the_servic
 def test_drift_is_repaired(fleet: Fleet) -> None:
     cluster = fleet.cluster
     _ready_fleet(fleet, "drift")
-    original = get(cluster, FLEET, "deployment", "drift-cpu")
-    assert original is not None
-    cluster.kubectl("delete", "deployment", "drift-cpu", "-n", FLEET)
-    eventually(
-        lambda: (
-            (d := get(cluster, FLEET, "deployment", "drift-cpu"))
-            and d["metadata"]["uid"] != original["metadata"]["uid"]
-        ),
-        what="the deleted Deployment to be recreated",
-    )
-    patch = {
-        "spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil:1"}]}}}
-    }
-    cluster.kubectl("patch", "deployment", "drift-cpu", "-n", FLEET, "-p", json.dumps(patch))
-    eventually(
-        lambda: (
-            (d := get(cluster, FLEET, "deployment", "drift-cpu"))
-            and d["spec"]["template"]["spec"]["containers"][0]["image"] == fleet.server_image
-        ),
-        what="the edited image to be put back",
-    )
+    assert_deployment_drift_repaired(cluster, FLEET, "drift-cpu")
+    deployment = get(cluster, FLEET, "deployment", "drift-cpu")
+    assert deployment is not None
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == fleet.server_image
     wait_ready(cluster, FLEET, "drift", timeout=READY_TIMEOUT)
     _delete(fleet, "drift")
 
