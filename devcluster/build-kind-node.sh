@@ -71,10 +71,17 @@ tmp=$(mktemp -d "$IMAGES/.kind-node.XXXXXX")
 source "$here/image-lib.sh"
 ctrd_pid=
 containers=()
+preloaded=()  # the images committed on the way (set below), removed on exit
 cleanup() {
   local c
   [ -n "$ctrd_pid" ] && kill "$ctrd_pid" 2>/dev/null && wait "$ctrd_pid" 2>/dev/null
-  for c in "${containers[@]}"; do B rm "$c" >/dev/null 2>&1 || true; done
+  if [ -n "${DRIVER:-}" ]; then  # buildah was used (a build, not a cache hit)
+    for c in "${containers[@]}"; do B rm "$c" >/dev/null 2>&1 || true; done
+    # The images committed on the way: only the node image's archive is kept.
+    for c in "${preloaded[@]}" localhost/rembg-fleet/kind-netbase:build "$NODE_REF"; do
+      B rmi "$c" >/dev/null 2>&1 || true
+    done
+  fi
   remove_tree "$tmp"
 }
 trap cleanup EXIT
@@ -90,6 +97,7 @@ pause_tag=$(sed -n 's/^TAG ?= //p' "$CACHE/go-mod/k8s.io/kubernetes@$KUBERNETES_
 
 key=$({
   echo "recipe=$RECIPE suite=$SUITE node=$NODE_PACKAGES net=$NET_PACKAGES kind=$KIND_VERSION etcd=$etcd_tag pause=$pause_tag"
+  containerd --version
   sha256sum < "$here/build-kind-node.sh"; sha256sum < "$here/image-lib.sh"
   (cd "$here/kind" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
   (cd "$kind_files" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
@@ -181,11 +189,14 @@ export_image() { # ctr ref: commit a working container and write its docker-arch
   B commit --quiet --format docker --rm "$ctr" "$ref" >/dev/null
   B push --quiet "$ref" "docker-archive:$file:$ref"
 }
-from() { local ctr; ctr=$(B from --pull=never "$1"); containers+=("$ctr"); echo "$ctr"; }
+from() { # image: a working container of it in $ctr, removed on exit whatever happens
+  ctr=$(B from --pull=never "$1")
+  containers+=("$ctr")
+}
 current_step="the control-plane images"
 for component in kube-apiserver kube-controller-manager kube-scheduler etcd; do
   tag=$KUBERNETES_VERSION; [ "$component" = etcd ] && tag=$etcd_tag
-  ctr=$(from scratch)
+  from scratch
   B copy "$ctr" "$K8S_BIN/$component" "/usr/local/bin/$component" >/dev/null
   B config --env PATH=/usr/local/bin:/usr/bin:/bin "$ctr"
   export_image "$ctr" "registry.k8s.io/$component:$tag"
@@ -196,27 +207,30 @@ mkdir -p "$tmp/coredns"
 cp "$COREDNS_BIN/coredns" "$tmp/coredns/coredns"
 setcap cap_net_bind_service=+ep "$tmp/coredns/coredns"
 tar --xattrs --xattrs-include=security.capability -C "$tmp/coredns" -cf "$tmp/coredns.tar" coredns
-ctr=$(from scratch)
+from scratch
 B add "$ctr" "$tmp/coredns.tar" / >/dev/null
 B config --user 65532:65532 --entrypoint '["/coredns"]' "$ctr"
 export_image "$ctr" "registry.k8s.io/coredns/coredns:$COREDNS_VERSION"
 current_step="the kube-proxy and CNI images"
-ctr=$(from scratch)
+from scratch
 B add "$ctr" "$tmp/net.tar" / >/dev/null
 B config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"
 B commit --quiet --format docker --rm "$ctr" localhost/rembg-fleet/kind-netbase:build >/dev/null
-ctr=$(from localhost/rembg-fleet/kind-netbase:build)
+from localhost/rembg-fleet/kind-netbase:build
 B copy "$ctr" "$K8S_BIN/kube-proxy" /usr/local/bin/kube-proxy >/dev/null
 export_image "$ctr" "registry.k8s.io/kube-proxy:$KUBERNETES_VERSION"
-ctr=$(from localhost/rembg-fleet/kind-netbase:build)
+from localhost/rembg-fleet/kind-netbase:build
 B copy "$ctr" "$K8S_BIN/kubectl" /usr/local/bin/kubectl >/dev/null
 B copy --chmod 0755 "$ctr" "$here/kind/rembg-fleet-cni" /usr/local/bin/rembg-fleet-cni >/dev/null
 B config --entrypoint '["/usr/local/bin/rembg-fleet-cni"]' "$ctr"
 export_image "$ctr" "$CNI_REF"
-B rmi localhost/rembg-fleet/kind-netbase:build >/dev/null 2>&1 || true
 
 # --- Preloaded: imported into the node's containerd store by a containerd of the same version --
 current_step="preloading the images into the node's containerd"
+node_containerd=$(chroot "$node" containerd --version | awk '{print $3}')
+host_containerd=$(containerd --version | awk '{print $3}')
+[ "$node_containerd" = "$host_containerd" ] \
+  || { say "the node's containerd is $node_containerd, this host's $host_containerd: its store must be written by the same version"; false; }
 mkdir -p "$tmp/ctrd"
 cat > "$tmp/ctrd/config.toml" <<EOF
 version = 2
@@ -251,7 +265,7 @@ rm -rf "$node/var/lib/containerd/tmpmounts" "$tmp/images" "$tmp/net.tar"
 current_step="the node image $NODE_REF"
 tar --numeric-owner --xattrs -C "$node" -cf "$tmp/node.tar" .
 remove_tree "$node"
-ctr=$(from scratch)
+from scratch
 B add "$ctr" "$tmp/node.tar" / >/dev/null
 rm -f "$tmp/node.tar"
 B config --env container=docker --stop-signal SIGRTMIN+3 \
@@ -259,8 +273,6 @@ B config --env container=docker --stop-signal SIGRTMIN+3 \
   --label org.opencontainers.image.description="kind node $KUBERNETES_VERSION (kind $KIND_VERSION base files, Debian $SUITE), built offline" "$ctr"
 B commit --quiet --format docker --rm "$ctr" "$NODE_REF" >/dev/null
 B push --quiet "$NODE_REF" "docker-archive:$tmp/kind-node.tar:$NODE_REF"
-B rmi "$NODE_REF" >/dev/null 2>&1 || true
-for ref in "${preloaded[@]}"; do B rmi "$ref" >/dev/null 2>&1 || true; done
 seconds=$((SECONDS - start))
 printf '{"ref": "%s", "key": "%s", "build_seconds": %s, "built_at": "%s"}\n' "$NODE_REF" "$key" "$seconds" "$(date -u +%FT%TZ)" > "$tmp/kind-node.tar.json"
 find "$IMAGES" -maxdepth 1 \( -name 'kind-node-????????????.tar' -o -name 'kind-node-????????????.tar.json' \) -delete

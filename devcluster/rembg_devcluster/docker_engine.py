@@ -21,13 +21,12 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from rembg_devcluster import host_state
+from rembg_devcluster import host_state, process
 from rembg_devcluster.errors import DevClusterError
 
 # Linux capability numbers 0..40 (capability.h), the names runc's specs use.
@@ -81,14 +80,16 @@ def build_dockerd_args(root: Path, data_root: Path, wrapper: Path) -> list[str]:
 
 @dataclass
 class DockerEngine:
-    """The engine kind talks to: `env()` points the docker CLI (and kind) at it."""
+    """The engine kind talks to: `env()` points the docker CLI (and kind) at it. `before` is
+    the host as it was when we started using it."""
 
     host: str | None
+    before: host_state.HostSnapshot
     ours: bool = False
     root: Path | None = None
-    process: subprocess.Popen[bytes] | None = None
-    before: host_state.HostSnapshot | None = None
-    problems: list[str] = field(default_factory=list)
+    data_root: Path | None = None
+    record: process.ProcessRecord | None = None
+    popen: subprocess.Popen[bytes] | None = None
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -119,10 +120,26 @@ class DockerEngine:
         return probe.returncode == 0
 
     def stop(self) -> list[str]:
-        """Ours: every container, volume and network removed, dockerd stopped (by its PID),
-        the host put back. The host's own engine is left alone. Returns what still differs."""
-        if not self.ours or self.process is None or self.before is None:
-            return []
+        """Ours: every container, volume and network removed, dockerd stopped by its PID, the
+        host put back. The host's engine is left running; the global sysctls kind's kubelets
+        wrote are put back all the same. Returns what still differs."""
+        if not self.ours or self.record is None:
+            return restore_sysctls(self.before) + [
+                line
+                for line in host_state.differences(self.before, host_state.take_snapshot())
+                if line.startswith("sysctl ")
+            ]
+        bridges = self._remove_everything()
+        process.stop(self.record, self.popen, grace_seconds=STOP_TIMEOUT_SECONDS)
+        self.record = self.popen = None
+        return restore_host(self.before, bridges, self.root, self.data_root)
+
+    def _remove_everything(self) -> list[str]:
+        """Removes our containers, networks and volumes; returns the networks' bridge names."""
+        bridges: list[str] = []
+        with contextlib.suppress(DevClusterError, subprocess.TimeoutExpired):
+            networks = self.docker("network", "ls", "-q", "--no-trunc", "--filter", "type=custom")
+            bridges = [f"br-{network[:12]}" for network in networks.stdout.split()]
         for listing, remove in (
             (("ps", "-aq"), ("rm", "-f", "-v")),
             (("network", "ls", "-q", "--filter", "type=custom"), ("network", "rm")),
@@ -131,26 +148,20 @@ class DockerEngine:
             with contextlib.suppress(DevClusterError, subprocess.TimeoutExpired):
                 if ids := self.docker(*listing, timeout=60).stdout.split():
                     self.docker(*remove, *ids, timeout=180, check=False)
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-        return restore_host(self.before, self.root)
+        return bridges
 
 
 def existing_engine() -> DockerEngine | None:
     """The engine DOCKER_HOST (or the default socket) names, when one answers."""
     if shutil.which("docker") is None:
         return None
-    engine = DockerEngine(host=os.environ.get("DOCKER_HOST"))
+    engine = DockerEngine(host=os.environ.get("DOCKER_HOST"), before=host_state.take_snapshot())
     return engine if engine.answers() else None
 
 
-def start_private_engine(root: Path, data_root: Path) -> DockerEngine:
-    """Starts Debian's dockerd under `root` (socket, exec root, logs), images in `data_root`."""
+def start_private_engine(root: Path, data_root: Path, log: Path) -> DockerEngine:
+    """Starts Debian's dockerd under `root` (socket, exec root; removed when it stops), images
+    in `data_root` (kept: a node image is loaded once), its output in `log`."""
     for tool in ("dockerd", "docker", "jq", "runc"):
         if shutil.which(tool) is None:
             raise DevClusterError(f"no {tool} on PATH: `make system-deps` installs docker.io")
@@ -162,42 +173,59 @@ def start_private_engine(root: Path, data_root: Path) -> DockerEngine:
     wrapper.write_text(build_runc_wrapper(missing_capabilities(), shutil.which("runc") or RUNC))
     wrapper.chmod(0o755)
     before = host_state.take_snapshot()
-    with (root / "dockerd.log").open("ab") as log:  # the child keeps its own copy of the fd
-        process = subprocess.Popen(
-            build_dockerd_args(root, data_root, wrapper),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    popen, record = process.spawn("dockerd", build_dockerd_args(root, data_root, wrapper), log)
     engine = DockerEngine(
-        host=f"unix://{root / 'docker.sock'}", ours=True, root=root, process=process, before=before
+        host=f"unix://{root / 'docker.sock'}",
+        before=before,
+        ours=True,
+        root=root,
+        data_root=data_root,
+        record=record,
+        popen=popen,
     )
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not engine.answers():
-        if process.poll() is not None or time.monotonic() > deadline:
-            tail = (root / "dockerd.log").read_text(errors="replace")[-1500:]
+        if popen.poll() is not None or time.monotonic() > deadline:
+            tail = process.log_tail(log)
             engine.stop()
-            raise DevClusterError(f"dockerd did not come up (exit {process.returncode}):\n{tail}")
+            raise DevClusterError(f"dockerd did not come up (exit {popen.returncode}):\n{tail}")
         time.sleep(0.5)
     return engine
 
 
-def restore_host(before: host_state.HostSnapshot, root: Path | None) -> list[str]:
-    """Puts back what the engine and its nodes changed; returns what still differs."""
-    problems: list[str] = []
-    if root is not None:
-        for point in sorted(host_state.mounts_under(root), key=len, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+def restore_sysctls(before: host_state.HostSnapshot) -> list[str]:
+    """kubelet writes a few global sysctls (vm.overcommit_memory, kernel.panic, ...), even in a
+    kind node: each goes back to its value before."""
+    problems = []
     for name, value in before.sysctls.items():
         if value is not None and host_state.read_sysctl(name) != value:
             try:
                 host_state.write_sysctl(name, value)
             except OSError as error:
                 problems.append(f"sysctl {name}: {error}")
-    existed = set(before.links)
-    for link in sorted(Path("/sys/class/net").iterdir()):
-        if link.name not in existed and link.name.startswith(("br-", "veth", "docker")):
+    return problems
+
+
+def restore_host(
+    before: host_state.HostSnapshot,
+    bridges: list[str],
+    exec_root: Path | None,
+    data_root: Path | None,
+) -> list[str]:
+    """Puts back what our engine and its nodes changed: mounts left under its roots, its
+    networks' bridges and their veths (if dockerd left them), its `docker` cgroups, the sysctls;
+    removes its exec root. Returns what still differs from `before`."""
+    for root in (r for r in (exec_root, data_root) if r is not None):
+        for point in sorted(host_state.mounts_under(root), key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    problems = restore_sysctls(before)
+    links = Path("/sys/class/net")
+    for link in sorted(links.iterdir()) if links.is_dir() else []:
+        master = link / "master"
+        on_ours = master.exists() and master.resolve().name in bridges
+        if link.name not in before.links and (link.name in bridges or on_ours):
             subprocess.run(["ip", "link", "delete", link.name], capture_output=True, check=False)
     problems += host_state.remove_cgroups(host_state.new_cgroups(before, "docker"))
+    if exec_root is not None and not host_state.mounts_under(exec_root):  # never through a mount
+        shutil.rmtree(exec_root, ignore_errors=True)
     return problems + host_state.differences(before, host_state.take_snapshot())

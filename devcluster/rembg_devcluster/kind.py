@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from rembg_devcluster import process
 from rembg_devcluster.binaries import VERSIONS_FILE, cache_dir, locate_binaries, parse_versions_env
 from rembg_devcluster.docker_engine import DockerEngine, missing_capabilities
 from rembg_devcluster.errors import DevClusterError
@@ -34,6 +35,7 @@ POD_SUBNET = "10.244.0.0/16"
 SERVICE_SUBNET = "10.96.0.0/16"
 CNI_NAME = "rembg-fleet-cni"
 READY_TIMEOUT_SECONDS = 300.0
+NODE_IMAGE_BUILD_TIMEOUT_SECONDS = 1200.0
 CGROUP_V2_MARKER = Path("/sys/fs/cgroup/cgroup.controllers")
 
 
@@ -77,40 +79,52 @@ def kind_default_image() -> str:
     return found.group(1)
 
 
-def ensure_node_image(engine: DockerEngine) -> tuple[str | None, str | None]:
+def ensure_node_image(engine: DockerEngine, log: Path) -> tuple[str | None, str | None]:
     """(node image, CNI image) for `kind create`: (None, None) when kind's default image is
     there or can be pulled (kind then brings kindnetd); else our offline build, built or taken
-    from the cache and loaded into the engine unless it already holds that build."""
-    if engine.docker("image", "inspect", kind_default_image(), check=False).returncode == 0:
+    from the cache (build output in `log`) and loaded into the engine unless it holds it."""
+    default = kind_default_image()
+    if engine.docker("image", "inspect", default, check=False).returncode == 0:
         return None, None
-    pulled = engine.docker("pull", "--quiet", kind_default_image(), timeout=900, check=False)
-    if pulled.returncode == 0:
-        return None, None
-    build = subprocess.run(
-        ["bash", str(REPO_ROOT / "devcluster" / "build-kind-node.sh")],
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-    )
-    if build.returncode != 0:
-        raise DevClusterError(f"building the kind node image failed:\n{build.stderr[-3000:]}")
+    try:
+        if engine.docker("pull", "--quiet", default, timeout=900, check=False).returncode == 0:
+            return None, None
+    except subprocess.TimeoutExpired:
+        pass  # a registry that never answers is no registry
+    build_node_image(log)
     node = load_node_image()
     if node is None:
         raise DevClusterError(f"build-kind-node.sh wrote no {NODE_INDEX}")
+    inspect = ("image", "inspect", "--format")
     label = engine.docker(
-        "image",
-        "inspect",
-        "--format",
-        '{{index .Config.Labels "io.rembg-fleet.key"}}',
-        node.ref,
-        check=False,
-    ).stdout.strip()
-    if label != node.key:
+        *inspect, '{{index .Config.Labels "io.rembg-fleet.key"}}', node.ref, check=False
+    )
+    if label.stdout.strip() != node.key:
+        old = engine.docker(*inspect, "{{.Id}}", node.ref, check=False).stdout.strip()
         engine.docker("load", "--quiet", "--input", str(node.archive), timeout=900)
-        # The build it replaces, if any, is untagged now: its layers go.
-        engine.docker("image", "prune", "--force", timeout=300, check=False)
+        if old:  # the build this one replaces, untagged now
+            engine.docker("image", "rm", old, check=False)
     return node.ref, node.cni_image
+
+
+def build_node_image(log: Path) -> None:
+    """Runs devcluster/build-kind-node.sh (seconds when cached) in its own process group: on a
+    timeout it gets SIGTERM first, so its EXIT trap stops its containerd and cleans up."""
+    script = REPO_ROOT / "devcluster" / "build-kind-node.sh"
+    popen, record = process.spawn("build-kind-node", ["bash", str(script)], log)
+    try:
+        code = popen.wait(timeout=NODE_IMAGE_BUILD_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.stop(record, popen, grace_seconds=60)
+        raise DevClusterError(
+            f"building the kind node image took over {NODE_IMAGE_BUILD_TIMEOUT_SECONDS:.0f}s:\n"
+            f"{process.log_tail(log)}"
+        ) from None
+    finally:
+        if popen.poll() is None:
+            process.stop(record, popen, grace_seconds=60)
+    if code != 0:
+        raise DevClusterError(f"building the kind node image failed:\n{process.log_tail(log, 40)}")
 
 
 def host_is_cgroup_v1() -> bool:
@@ -294,7 +308,8 @@ class KindCluster(KubeHandle):
         what comes from outside the pod network), so this host reaches ClusterIPs. Returns the
         route, for unroute_services()."""
         route = f"{SERVICE_SUBNET} via {self.node_ip(f'{self.name}-control-plane')}"
-        subprocess.run(["ip", "route", "replace", *route.split()], check=True, timeout=30)
+        # `add`, not `replace`: a route someone else made to that network is an error, not ours.
+        subprocess.run(["ip", "route", "add", *route.split()], check=True, timeout=30)
         return route
 
     @staticmethod

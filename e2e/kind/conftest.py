@@ -13,8 +13,10 @@ compared with what it was: any difference fails the session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import pytest
 import yaml
 from rembg_devcluster.binaries import cache_dir
 from rembg_devcluster.docker_engine import DockerEngine, existing_engine, start_private_engine
+from rembg_devcluster.errors import DevClusterError
 from rembg_devcluster.images import load_image_index
 from rembg_devcluster.kind import KindCluster, cluster_config_for_host, ensure_node_image
 
@@ -42,14 +45,14 @@ class Kind:
     cpu_nodes: list[str]
 
 
-def _engine() -> DockerEngine:
+def _engine(workdir: Path) -> DockerEngine:
     found = existing_engine()
     if found is not None:
         print("\nkind: using the host's Docker engine")
         return found
     # A short path: the engine's unix socket lives under it.
     root = Path(f"/run/rembg-fleet-docker-{os.getpid()}")
-    engine = start_private_engine(root, cache_dir() / "docker")
+    engine = start_private_engine(root, cache_dir() / "docker", workdir / "dockerd.log")
     print(f"\nkind: started our own Docker engine ({engine.host}, images in {cache_dir()}/docker)")
     return engine
 
@@ -75,11 +78,11 @@ def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
     workdir = tmp_path_factory.mktemp("kind")
     images = load_image_index()
     assert images is not None, "no build/images.json: run `make images`"
-    engine = _engine()
+    engine = _engine(workdir)
     problems: list[str] = []
     try:
         started = time.monotonic()
-        image, cni = ensure_node_image(engine)
+        image, cni = ensure_node_image(engine, workdir / "build-kind-node.log")
         print(
             f"kind: node image {image or 'kind default'} ready in {time.monotonic() - started:.0f}s"
         )
@@ -92,8 +95,9 @@ def kind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kind]:
             try:
                 cluster.create(config, image, cni)
             except Exception:
-                cluster.logs(workdir / "kind-logs")
-                print(f"kind: create failed; `kind export logs` wrote {workdir / 'kind-logs'}")
+                with contextlib.suppress(DevClusterError, subprocess.TimeoutExpired):
+                    cluster.logs(workdir / "kind-logs")
+                    print(f"kind: create failed; `kind export logs` wrote {workdir / 'kind-logs'}")
                 raise
             print(
                 f"kind: cluster {cluster.name} created in {cluster.timings['kind_create']:.0f}s, "

@@ -39,6 +39,8 @@ from e2e.real_node_support import (
     wait_for_endpoints,
 )
 
+# The first test carries the session's setup: a cold node-image build, the cluster, the chart.
+pytestmark = pytest.mark.timeout(2400)
 CHART = Path(__file__).resolve().parents[2] / "charts" / "rembg-operator"
 OPERATOR_NAMESPACE = "rembg-system"
 FLEET = "fleet"
