@@ -98,14 +98,22 @@ typecheck: venv ## mypy --strict
 .PHONY: test check unit e2e e2e-kind e2e-kind-smoke
 # The Go builds are CPU-bound (about half an hour on 2 cores when nothing is cached, seconds
 # when everything is): they run beside the lint, type and unit checks and the images that need
-# no Go binary (mostly downloads); the Go images and the e2e tests wait for them.
+# no Go binary (mostly downloads); the Go images and the e2e tests wait for them. The kind node
+# image (downloads and disk, minutes when not cached) builds beside the e2e tests.
+KIND_NODE_BUILD := devcluster/build-kind-node.sh
 test: system-deps venv model ## Everything CI runs: lint, types, unit/integration tests, images, e2e on the local control plane and the real node
 	@mkdir -p build; $(MAKE) --no-print-directory binaries > build/binaries.log 2>&1 & binaries=$$!; \
 	checks=0; $(MAKE) --no-print-directory lint typecheck unit python-images || checks=$$?; \
 	built=0; wait $$binaries || built=$$?; cat build/binaries.log; \
 	if [ $$built != 0 ]; then echo "make test: the Go builds failed (build/binaries.log above)"; exit $$built; fi; \
 	exit $$checks
-	$(MAKE) --no-print-directory images e2e e2e-kind-smoke
+	$(MAKE) --no-print-directory images
+	@$(KIND_NODE_BUILD) > build/kind-node.log 2>&1 & node=$$!; \
+	tests=0; $(MAKE) --no-print-directory e2e || tests=$$?; \
+	built=0; wait $$node || built=$$?; cat build/kind-node.log; \
+	if [ $$built != 0 ]; then echo "make test: the kind node image build failed (build/kind-node.log above)"; exit $$built; fi; \
+	[ $$tests = 0 ] || exit $$tests; \
+	$(MAKE) --no-print-directory e2e-kind-smoke
 
 check: test ## Alias of test
 
