@@ -11,7 +11,13 @@ import pytest
 from rembg_devcluster import ClusterConfig, DevCluster
 from rembg_devcluster.binaries import Binaries
 from rembg_devcluster.errors import ComponentDiedError, DevClusterError, PortInUseError
-from rembg_devcluster.ports import ensure_ports_free, free_port, port_is_free
+from rembg_devcluster.ports import (
+    LISTEN_RANGE_LOW,
+    ensure_ports_free,
+    ephemeral_range,
+    free_port,
+    port_is_free,
+)
 from rembg_devcluster.process import log_tail, raise_if_dead, spawn, stop
 
 
@@ -26,6 +32,18 @@ def listening_socket():
 
 def test_free_port_is_free() -> None:
     assert port_is_free(free_port())
+
+
+def test_free_ports_are_below_the_ephemeral_range_and_never_repeat() -> None:
+    low, _ = ephemeral_range()
+    picked = [free_port() for _ in range(200)]
+    assert len(set(picked)) == len(picked)
+    assert all(LISTEN_RANGE_LOW <= port < low for port in picked)
+
+
+def test_the_ephemeral_range_is_read_from_the_kernel_format() -> None:
+    assert ephemeral_range("32768\t60999\n") == (32768, 60999)
+    assert ephemeral_range("not a range") == (32768, 60999)
 
 
 def test_taken_port_is_reported_with_its_name_and_holder(listening_socket) -> None:
