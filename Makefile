@@ -124,10 +124,10 @@ e2e: venv model binaries ## End-to-end tests against the local control plane (th
 	$(PYTEST) e2e -p no:cacheprovider --ignore=e2e/kind --durations=30
 
 e2e-kind: venv model binaries images ## The kind suite: a kind cluster (node image built offline where kindest/node cannot be pulled; a Docker engine started where none runs)
-	$(PYTEST) e2e/kind -p no:cacheprovider
+	$(PYTEST) e2e/kind -p no:cacheprovider -s
 
 e2e-kind-smoke: venv model binaries images ## The kind suite's CI subset: cluster up, chart install, one RembgService Ready, one cutout, cluster down
-	$(PYTEST) e2e/kind -p no:cacheprovider -m kind_smoke
+	$(PYTEST) e2e/kind -p no:cacheprovider -s -m kind_smoke
 
 ##@ Benchmarks
 .PHONY: bench bench-server bench-operator bench-jobs
