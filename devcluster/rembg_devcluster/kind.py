@@ -309,7 +309,18 @@ class KindCluster(KubeHandle):
         route, for unroute_services()."""
         route = f"{SERVICE_SUBNET} via {self.node_ip(f'{self.name}-control-plane')}"
         # `add`, not `replace`: a route someone else made to that network is an error, not ours.
-        subprocess.run(["ip", "route", "add", *route.split()], check=True, timeout=30)
+        added = subprocess.run(
+            ["ip", "route", "add", *route.split()],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if added.returncode != 0:
+            raise DevClusterError(
+                f"`ip route add {route}` failed ({added.stderr.strip()}): the kind suite reaches "
+                "Services from this host through that route, which needs root"
+            )
         return route
 
     @staticmethod
