@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from e2e.operator_support import (
     wait_ready,
 )
 from e2e.real_node_support import (
+    CHART,
     assert_cutout_matches_rembg,
     cluster_ip,
     create_restricted_namespace,
@@ -41,7 +41,6 @@ from e2e.real_node_support import (
 
 # The first test carries the session's setup: a cold node-image build, the cluster, the chart.
 pytestmark = pytest.mark.timeout(2400)
-CHART = Path(__file__).resolve().parents[2] / "charts" / "rembg-operator"
 OPERATOR_NAMESPACE = "rembg-system"
 FLEET = "fleet"
 READY_TIMEOUT = 300.0
